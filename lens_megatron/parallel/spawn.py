@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -55,7 +56,9 @@ def _rank_entry(fn, args, rank, world_size, port, env, result_queue):
                 destroy_parallel()
             except Exception:  # noqa: BLE001 - teardown must not mask the real result
                 pass
-        result_queue.put((rank, "ok", out))
+        # Plain pickle copies tensor storage; torch's queue reducers would share it through
+        # file descriptors that vanish when this process exits.
+        result_queue.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - forward everything, including SystemExit
         result_queue.put((rank, "error", traceback.format_exc()))
 
@@ -118,7 +121,7 @@ def run_in_processes(
                     continue
             if status == "error":
                 raise SpawnedRankError(f"rank {rank} of {world_size} failed:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5)

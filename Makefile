@@ -1,0 +1,35 @@
+# lens-megatron — bootstrap a local virtual environment idempotently, then run things in it.
+#   make test   install (if needed) and run the whole test suite (what CI runs)
+#   make demo   train GRPO and LENS on the embedded tiny default (CPU, a few minutes)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+# Re-install when the dependency declarations change.
+DEPS_STAMP := $(VENV)/.deps-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+
+.PHONY: install test test-fast demo bench clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): | $(PY)
+	rm -f $(VENV)/.deps-*
+	$(PIP) install --disable-pip-version-check -q "$(TORCH_SPEC)"
+	$(PIP) install --disable-pip-version-check -q -e ".[test]"
+	touch $@
+
+install: $(DEPS_STAMP)
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+demo: install
+	$(PY) -m lens_megatron.cli demo
+
+clean-venv:
+	rm -rf $(VENV)

