@@ -137,8 +137,9 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    timeout_s: float = 5.0
-    num_workers: int = 2
+    timeout_s: float = 5.0  # hard per-sample budget; a hung verifier is killed, reward 0
+    num_workers: int = 2  # verifier processes (0 = in-process, main thread, SIGALRM-bounded)
+    judge: str = "lens_megatron.rewards.judge:math_verify_judge"  # (predicted, gold) -> bool
 
 
 @dataclass

@@ -28,16 +28,21 @@ class TrainingModel:
 
 
 def wrap_for_training(chunks: list, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> list:
-    """Float16Module (bf16/fp16) + megatron DDP around each chunk."""
+    """megatron DDP around each chunk.
+
+    No ``Float16Module``: the chunks are already built in the training dtype (bf16/fp16
+    parameters, fp32 master copies in the optimizer), and Float16Module would cast the
+    last stage's logits to fp32 — a full fp32 copy of ``[tokens, vocab/TP]`` that the
+    fused log-prob kernel exists to avoid (it reads bf16 logits and accumulates in fp32).
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
 
     wrapped = []
     with cpu_mode.cuda_to_cpu():
         for index, chunk in enumerate(chunks):
             config = chunk.config
             config.calculate_per_token_loss = True
-            module = Float16Module(config, chunk) if model_cfg.precision != "fp32" else chunk
+            module = chunk
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
                 overlap_grad_reduce=False,

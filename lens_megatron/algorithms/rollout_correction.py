@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ROLLOUT_CORRECTIONS", "RolloutCorrectionConfig", "rollout_correction_weights", "sampling_logprobs"]
+__all__ = ["ROLLOUT_CORRECTIONS", "RolloutCorrectionConfig", "rollout_correction_weights",
+           "sampling_distribution", "sampling_logprobs"]
 
 ROLLOUT_CORRECTIONS = ("none", "tis_token", "tis_sequence", "mis_token", "mis_sequence")
 
@@ -121,18 +122,16 @@ def rollout_correction_weights(
     return weights.to(old_logprobs.dtype), {k: v.detach() for k, v in metrics.items()}
 
 
-def sampling_logprobs(
+def sampling_distribution(
     logits: torch.Tensor,
-    tokens: torch.Tensor,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
 ) -> torch.Tensor:
-    """Log-probs of ``tokens`` under the distribution a sampler draws from: ``softmax(logits/T)``
+    """Log-probs ``[..., V]`` of the distribution a sampler draws from: ``softmax(logits/T)``
     restricted to the top-k tokens (``top_k <= 0``: off), then to the smallest top-ranked set
     whose mass reaches ``top_p`` (vLLM order: top-k, then top-p on the renormalized top-k
-    distribution), renormalized. ``-inf`` for a token outside the kept set. ``logits`` ``[..., V]``,
-    ``tokens`` ``[...]``; float32 result. This is what ``rollout_logprobs`` must hold.
+    distribution), renormalized; ``-inf`` outside the kept set. float32 result.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -150,5 +149,21 @@ def sampling_logprobs(
         keep_sorted = (probs.cumsum(dim=-1) - probs) < top_p  # mass strictly above this token
         keep_sorted[..., 0] = True
         keep &= torch.zeros_like(keep).scatter(-1, order, keep_sorted)
-    kept = torch.log_softmax(logp.masked_fill(~keep, -float("inf")), dim=-1)
+    if bool(keep.all()):
+        return logp
+    return torch.log_softmax(logp.masked_fill(~keep, -float("inf")), dim=-1)
+
+
+def sampling_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Log-probs of ``tokens`` under ``sampling_distribution`` (``logits`` ``[..., V]``,
+    ``tokens`` ``[...]``); ``-inf`` for a token outside the kept set. This is what
+    ``rollout_logprobs`` must hold.
+    """
+    kept = sampling_distribution(logits, temperature, top_k, top_p)
     return kept.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)

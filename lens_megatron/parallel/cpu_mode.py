@@ -8,8 +8,9 @@ megatron-core upgrade that changes one of these sites fails loudly instead of si
 
 The patches:
 
-1. ``torch.cuda.current_device`` -> 0 and ``torch.cuda.synchronize`` (and stream helpers)
-   -> no-ops: called by pipeline p2p communication and buffers.
+1. ``torch.cuda.current_device`` -> ``torch.device("cpu")`` (megatron passes it as the
+   ``device=`` of allocations on hot paths: TP gathers, p2p buffers, KV cache) and
+   ``torch.cuda.synchronize`` (and stream helpers) -> no-ops.
 2. ``cuda_to_cpu()``: a ``TorchFunctionMode`` that rewrites ``device="cuda"``/``"cuda:N"``/
    ``torch.device("cuda")``/integer devices to CPU in tensor factory calls and in
    ``Tensor.to``/``Tensor.cuda``. It is entered only around megatron calls that allocate
@@ -119,7 +120,9 @@ class _CpuStream:
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A device object, not the index 0: megatron passes it as ``device=`` in allocations on
+    # hot paths (TP gathers, KV cache); an int would mean cuda:0.
+    cuda.current_device = lambda: torch.device("cpu")
     cuda.synchronize = lambda device=None: None
     cuda.current_stream = lambda device=None: _CpuStream()
     cuda.default_stream = lambda device=None: _CpuStream()

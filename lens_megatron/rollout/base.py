@@ -28,6 +28,10 @@ class SamplingConfig:
     top_k: int = -1
     max_new_tokens: int = 64
     seed: int = 0
+    # Index of this call's first sequence in the global batch: the native sampler's noise is
+    # keyed by (seed, global sequence index, step), so a data-parallel split samples exactly
+    # what one process would.
+    row_offset: int = 0
 
 
 @dataclass
@@ -105,6 +109,33 @@ def assemble_batch(prompts: list[list[int]], responses: list[list[int]],
         response_lengths=torch.tensor([len(r) for r in responses], dtype=torch.int64),
         finished=torch.tensor(finished, dtype=torch.bool), group_size=group_size, pad_id=pad_id,
         response_texts=list(texts or []),
+    )
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Concatenate along sequences, right-padding to the widest batch."""
+    if not batches:
+        raise ValueError("nothing to concatenate")
+    width = max(b.input_ids.shape[1] for b in batches)
+    pad_id, group = batches[0].pad_id, batches[0].group_size
+
+    def widen(t: torch.Tensor, fill) -> torch.Tensor:
+        out = torch.full((t.shape[0], width), fill, dtype=t.dtype)
+        out[:, : t.shape[1]] = t
+        return out
+
+    texts = [t for b in batches for t in b.response_texts]
+    timings = {k: max(b.timings.get(k, 0.0) for b in batches) for b in batches for k in b.timings}
+    return RolloutBatch(
+        input_ids=torch.cat([widen(b.input_ids, pad_id) for b in batches]),
+        response_mask=torch.cat([widen(b.response_mask, False) for b in batches]),
+        sampling_logprobs=torch.cat([widen(b.sampling_logprobs, 0.0) for b in batches]),
+        prompt_lengths=torch.cat([b.prompt_lengths for b in batches]),
+        response_lengths=torch.cat([b.response_lengths for b in batches]),
+        finished=torch.cat([b.finished for b in batches]),
+        group_size=group, pad_id=pad_id,
+        response_texts=texts if len(texts) == sum(b.num_sequences for b in batches) else [],
+        timings=timings,
     )
 
 

@@ -1,0 +1,284 @@
+"""The LENS actor: a megatron-core GPTModel (any TP/PP/VPP/DP layout) with its optimizer,
+computing sequence log-probs through the fused ``lens_kernels`` kernel and training with the
+clipped policy loss.
+
+Batch layout: sequences are *padded*, not packed. Each call pads every micro-batch to the
+same width (the longest prompt+response of the batch, rounded up to a multiple of TP under
+sequence parallelism): pipeline stages exchange fixed-shape activations, and our SDPA/local
+layer spec has no packed-sequence (THD) attention. Packing pays off for long, ragged
+responses on GPUs with Transformer Engine; it is not implemented.
+
+Token coordinates: position t of ``token_logprobs [N, S]`` is the log-prob of
+``input_ids[:, t + 1]`` predicted at t, and ``target_mask[:, t] = response_mask[:, t + 1]``.
+
+Every rank of the job holds the whole rollout batch; each data-parallel rank computes and
+trains on its slice, and the per-token results are all-gathered back (they are small next
+to the logits), so the LENS stage sees every group on every rank.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .algorithms.loss import ClippedPolicyLoss
+from .config import LensTrainConfig
+from .models.builder import build_model_chunks
+from .optimizer import TrainingModel, optimizer_step, setup_training, zero_grads
+from .parallel import cpu_mode
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the log-probs were NaN/inf; no weights were updated."""
+
+
+@dataclass
+class TokenBatch:
+    """Model inputs of one batch in token coordinates (see module docstring)."""
+
+    input_ids: torch.Tensor  # [N, S]
+    targets: torch.Tensor  # [N, S]
+    target_mask: torch.Tensor  # [N, S] bool
+
+    @classmethod
+    def from_rollout(cls, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                     pad_multiple: int = 1) -> "TokenBatch":
+        n, s = input_ids.shape
+        width = -(-s // pad_multiple) * pad_multiple
+        ids = torch.zeros((n, width), dtype=torch.long)
+        ids[:, :s] = input_ids
+        targets = torch.zeros_like(ids)
+        targets[:, : width - 1] = ids[:, 1:]
+        mask = torch.zeros((n, width), dtype=torch.bool)
+        mask[:, : s - 1] = response_mask[:, 1:].bool()
+        return cls(ids, targets, mask)
+
+    def slice(self, start: int, end: int) -> "TokenBatch":
+        return TokenBatch(self.input_ids[start:end], self.targets[start:end],
+                          self.target_mask[start:end])
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+class LensActor:
+    """Owns the model chunks of this rank, the optimizer and the loss."""
+
+    def __init__(self, cfg: LensTrainConfig, total_optimizer_steps: int) -> None:
+        self.cfg = cfg
+        m = cfg.model
+        self.arch = m.arch
+        self.precision = m.precision_config()
+        chunks = build_model_chunks(m.arch, m.layout(), self.precision, m.transformer_impl,
+                                    seed=m.init_seed)
+        if m.load:
+            from .checkpoint.model_io import load_model_checkpoint
+
+            load_model_checkpoint(chunks, m.load)
+        self.training: TrainingModel = setup_training(chunks, m, cfg.optim, total_optimizer_steps)
+        self.loss_fn = ClippedPolicyLoss(cfg.loss.loss_config())
+        self.temperature = cfg.rollout.temperature
+        self.pad_multiple = m.tensor_model_parallel_size if m.sequence_parallel else 1
+        self.reference_chunks = None
+        if cfg.loss.kl_coef > 0:  # a frozen copy of the initial policy, only when needed
+            self.reference_chunks = build_model_chunks(
+                m.arch, m.layout(), self.precision, m.transformer_impl, seed=m.init_seed)
+            if m.load:
+                load_model_checkpoint(self.reference_chunks, m.load)
+            for chunk in self.reference_chunks:
+                chunk.requires_grad_(False)
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def chunks(self) -> list:
+        return self.training.chunks
+
+    @property
+    def dp_rank(self) -> int:
+        return _ps().get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return _ps().get_data_parallel_world_size()
+
+    def _kernel(self, logits, targets, mask, entropy: bool):
+        from lens_kernels import logprobs_and_confidence
+
+        ps = _ps()
+        group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        return logprobs_and_confidence(
+            logits, targets, mask, tp_group=group, temperature=self.temperature,
+            return_entropy=entropy, valid_vocab=self.arch.vocab_size,
+            inplace_backward=True,
+        )
+
+    def _run_schedule(self, chunks, batches: list[dict], loss_for_batch: Callable,
+                      forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            ids = mb["input_ids"]
+            positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+            logits = model(ids, positions, None)
+            return logits, lambda out: loss_for_batch(out, mb)
+
+        iterators = [iter(batches) for _ in chunks]
+        with cpu_mode.cuda_to_cpu():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(chunks) > 1 else iterators[0],
+                model=chunks if len(chunks) > 1 else chunks[0],
+                num_microbatches=len(batches),
+                seq_length=batches[0]["input_ids"].shape[1],
+                micro_batch_size=batches[0]["input_ids"].shape[0],
+                forward_only=forward_only,
+            )
+
+    def _micro_batches(self, tokens: TokenBatch, extra: dict[str, torch.Tensor]) -> list[dict]:
+        mbs = self.cfg.model.micro_batch_size
+        n = tokens.input_ids.shape[0]
+        out = []
+        for start in range(0, n, mbs):
+            piece = tokens.slice(start, start + mbs)
+            mb = {"input_ids": piece.input_ids, "targets": piece.targets, "mask": piece.target_mask}
+            mb.update({k: v[start:start + mbs] for k, v in extra.items()})
+            out.append(mb)
+        return out
+
+    def _dp_slice(self, n: int) -> tuple[int, int]:
+        per_rank = n // self.dp_size
+        return self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank
+
+    # ------------------------------------------------------------------ log-probs
+    @torch.no_grad()
+    def compute_logprobs(self, tokens: TokenBatch, reference: bool = False,
+                         entropy: bool = False) -> dict[str, torch.Tensor]:
+        """Token log-probs ``[N, S]`` (and entropy) of the whole batch, on every rank."""
+        n = tokens.input_ids.shape[0]
+        start, end = self._dp_slice(n)
+        local = tokens.slice(start, end)
+        chunks = self.reference_chunks if reference else self.chunks
+
+        def collect(logits, mb):
+            out = self._kernel(logits, mb["targets"], mb["mask"], entropy)
+            kept = {"token_logprobs": out.token_logprobs.detach()}
+            if entropy:
+                kept["entropy"] = out.entropy.detach()
+            return out.token_logprobs.sum() * 0.0, kept
+
+        results = self._run_schedule(chunks, self._micro_batches(local, {}), collect, True)
+        keys = ["token_logprobs"] + (["entropy"] if entropy else [])
+        shape = tuple(local.input_ids.shape)
+        merged = {}
+        for key in keys:
+            value = torch.cat([r[key] for r in results]) if results else torch.zeros(shape)
+            merged[key] = self._gather_over_dp(self._broadcast_from_last_stage(value))
+        return merged
+
+    def _broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        ps = _ps()
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return tensor
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+        return tensor
+
+    def _gather_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dp_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.dp_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=_ps().get_data_parallel_group())
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, tokens: TokenBatch, old_logprobs: torch.Tensor,
+                   advantages: torch.Tensor, global_normalizer: torch.Tensor,
+                   rollout_weights: Optional[torch.Tensor] = None,
+                   ref_logprobs: Optional[torch.Tensor] = None) -> dict[str, float]:
+        """One optimizer step on ``tokens`` (this update's sequences, every rank holds all).
+
+        The loss of each micro-batch is divided by ``global_normalizer`` (the sequence or
+        token count of the whole update), so the gradient does not depend on how the
+        sequences are split over micro-batches and data-parallel ranks.
+        """
+        n = tokens.input_ids.shape[0]
+        start, end = self._dp_slice(n)
+        extra = {"old_logprobs": old_logprobs[start:end], "advantages": advantages[start:end]}
+        if rollout_weights is not None:
+            extra["rollout_weights"] = rollout_weights[start:end]
+        if ref_logprobs is not None:
+            extra["ref_logprobs"] = ref_logprobs[start:end]
+        batches = self._micro_batches(tokens.slice(start, end), extra)
+
+        def policy_loss(logits, mb):
+            out = self._kernel(logits, mb["targets"], mb["mask"], entropy=True)
+            loss, metrics = self.loss_fn(
+                out.token_logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
+                global_normalizer, ref_logprobs=mb.get("ref_logprobs"),
+                rollout_weights=mb.get("rollout_weights"), entropy=out.entropy,
+            )
+            metrics = {k: v.detach().float() for k, v in metrics.items()}
+            metrics["loss"] = loss.detach().float()
+            return loss, torch.zeros((), dtype=torch.int), metrics
+
+        zero_grads(self.training)
+        results = self._run_schedule(self.chunks, batches, policy_loss, forward_only=False)
+        metrics = self._reduce_metrics(results, len(batches))
+        if not math.isfinite(metrics["loss"]):
+            zero_grads(self.training)
+            raise NonFiniteLossError(
+                f"non-finite loss ({metrics['loss']}) — the log-probs or advantages contain "
+                "NaN/inf; the optimizer step was skipped and no weights changed")
+        ok, grad_norm, _ = optimizer_step(self.training)
+        if not ok or not math.isfinite(grad_norm):
+            zero_grads(self.training)
+            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}); step skipped")
+        metrics["grad_norm"] = grad_norm
+        metrics["lr"] = float(self.training.optimizer.param_groups[0]["lr"])
+        return metrics
+
+    def sft_step(self, tokens: TokenBatch) -> dict[str, float]:
+        """One supervised step: maximise the log-likelihood of the masked target tokens
+        (normalised by their global count). Used for the demo's warm start."""
+        n = tokens.input_ids.shape[0]
+        start, end = self._dp_slice(n)
+        total_tokens = tokens.target_mask.sum().clamp(min=1)
+        batches = self._micro_batches(tokens.slice(start, end), {})
+
+        def nll(logits, mb):
+            out = self._kernel(logits, mb["targets"], mb["mask"], entropy=False)
+            loss = -out.token_logprobs.sum() / total_tokens
+            return loss, torch.zeros((), dtype=torch.int), {"loss": loss.detach().float()}
+
+        zero_grads(self.training)
+        results = self._run_schedule(self.chunks, batches, nll, forward_only=False)
+        metrics = self._reduce_metrics(results, len(batches))
+        ok, grad_norm, _ = optimizer_step(self.training)
+        metrics["grad_norm"] = grad_norm
+        return metrics
+
+    def _reduce_metrics(self, results: list, num_micro_batches: int) -> dict[str, float]:
+        """Loss summed over micro-batches and DP ranks; other metrics averaged; all ranks."""
+        ps = _ps()
+        summed = None
+        if results:
+            summed = {k: float(sum(r[k].double() for r in results)) for k in results[0]}
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            box = [summed]
+            dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                       group=ps.get_pipeline_model_parallel_group())
+            summed = box[0]
+        keys = sorted(summed)
+        values = torch.tensor([summed[k] for k in keys], dtype=torch.float64)
+        if self.dp_size > 1:
+            dist.all_reduce(values, group=ps.get_data_parallel_group())
+        return {k: float(v) if k == "loss" else float(v) / (num_micro_batches * self.dp_size)
+                for k, v in zip(keys, values)}

@@ -1,0 +1,118 @@
+"""Command-line entry points.
+
+``lens-train --config CFG [key=value ...]`` — train (single process, under torchrun, or under
+srun; the process layout comes from the launcher's environment).
+``python -m lens_megatron.cli train|demo ...`` — the same, plus the CPU demo.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from .config import ConfigError, load_config, validate
+from .parallel.env import detect_dist_env
+
+logger = logging.getLogger("lens_megatron")
+
+
+def _quiet_third_party() -> None:
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-train",
+        description="GRPO/LENS training on megatron-core. Overrides use Hydra/OmegaConf "
+                    "dot syntax, e.g. model.tensor_model_parallel_size=2 lens.estimator=grpo.")
+    parser.add_argument("--config", help="NeMo-style YAML config (defaults apply without one)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved, validated config and exit")
+    return parser
+
+
+def load_and_check(config: Optional[str], overrides: Sequence[str]):
+    """Load + validate the config against the launcher's world size (no process group yet)."""
+    cfg = load_config(config, overrides)
+    env = detect_dist_env()
+    if env.world_size != cfg.world_size:
+        raise ConfigError(
+            f"trainer.num_nodes × trainer.devices = {cfg.trainer.num_nodes}×{cfg.trainer.devices} "
+            f"= {cfg.world_size} processes, but the launcher started {env.world_size} "
+            f"({env.launcher}); launch with `torchrun --nproc-per-node {cfg.trainer.devices}` / "
+            "`srun`, or change trainer.devices")
+    validate(cfg, env.world_size)
+    return cfg, env
+
+
+def run_training(cfg, stop_requested=None) -> dict:
+    """Initialise process groups, train, tear down. Returns the last step's metrics."""
+    from .parallel.initialize import destroy_parallel, init_process_group, initialize_model_parallel
+    from .trainer import LensTrainer
+
+    init_process_group(cfg.trainer.backend, cfg.trainer.timeout_minutes)
+    m = cfg.model
+    initialize_model_parallel(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
+                              m.virtual_pipeline_model_parallel_size, m.context_parallel_size,
+                              seed=cfg.trainer.seed, timeout_minutes=cfg.trainer.timeout_minutes)
+    trainer = LensTrainer(cfg)
+    try:
+        return trainer.run(stop_requested=stop_requested)
+    finally:
+        trainer.close()
+        destroy_parallel()
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = train_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _quiet_third_party()
+    try:
+        cfg, env = load_and_check(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"lens-train: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        from .config import to_yaml
+
+        print(to_yaml(cfg))
+        return 0
+    from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
+
+    handler = PreemptionHandler()
+    handler.install()
+    try:
+        run_training(cfg, stop_requested=handler.should_stop)
+    finally:
+        handler.uninstall()
+    if handler.requested:
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+def demo_main(argv: Optional[Sequence[str]] = None) -> int:
+    from .demo import main
+
+    _quiet_third_party()
+    return main(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train_main, "demo": demo_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m lens_megatron.cli {{{'|'.join(commands)}}} ...", file=sys.stderr)
+        return 2
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

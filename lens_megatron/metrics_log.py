@@ -1,0 +1,89 @@
+"""Per-step metrics: a JSON Lines file always, TensorBoard and Weights & Biases when
+configured, and a one-line console summary / progress bar. Only global rank 0 writes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Optional
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, directory: str, enabled: bool, tensorboard: bool = False,
+                 wandb_project: Optional[str] = None, run_name: str = "lens",
+                 total_steps: int = 0, start_step: int = 0, progress_bar: bool = True,
+                 config_dict: Optional[dict] = None) -> None:
+        self.enabled = enabled
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self._tb = self._wandb = self._bar = None
+        if not enabled:
+            return
+        os.makedirs(directory, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise RuntimeError("exp_manager.tensorboard: install tensorboard "
+                                   "(`pip install -e .[logging]`)") from exc
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as exc:  # pragma: no cover
+                raise RuntimeError("exp_manager.wandb_project: install wandb "
+                                   "(`pip install -e .[logging]`)") from exc
+            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config_dict,
+                                     resume="allow")
+        if progress_bar and total_steps > 0:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=run_name,
+                             dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k: f"{metrics[k]:.3g}" for k in _SUMMARY if k in metrics})
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+_SUMMARY = ("reward/mean", "groups/negative_ratio", "loss", "time/step_s")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

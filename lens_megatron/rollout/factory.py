@@ -1,0 +1,22 @@
+"""Build the configured rollout engine for a trainer."""
+from __future__ import annotations
+
+from .megatron_sampler import MegatronSampler
+
+
+def build_engine(cfg, actor, tokenizer):
+    """``rollout.engine``: ``megatron`` (native sampler on the actor) or ``vllm``."""
+    if cfg.rollout.engine == "megatron":
+        m = cfg.model
+        return MegatronSampler(
+            actor.chunks, vocab_size=m.arch.vocab_size, eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id, hidden_size=m.arch.hidden_size,
+            dtype=m.precision_config().torch_dtype, kv_cache=cfg.rollout.kv_cache,
+            sequence_parallel=m.sequence_parallel, tp_size=m.tensor_model_parallel_size,
+            decode=tokenizer.decode,
+        )
+    if cfg.rollout.engine == "vllm":
+        from .vllm_engine import build_vllm_engine  # noqa: F401  (needs the vllm extra)
+
+        return build_vllm_engine(cfg, actor, tokenizer)
+    raise ValueError(f"rollout.engine must be megatron or vllm, got {cfg.rollout.engine!r}")

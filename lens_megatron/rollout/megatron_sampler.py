@@ -1,0 +1,199 @@
+"""Native sampler on the Megatron actor: temperature / top-k / top-p, EOS, batched, any
+TP/PP/VPP layout, with or without a KV cache.
+
+KV-cache mode: megatron's ``StaticInferenceContext`` holds keys/values per layer; its RoPE
+positions are cache slots shared by the whole batch, so sequences in one cached batch must
+have equal prompt lengths (otherwise a left-padded prompt would be generated at shifted
+positions, and the sampler's log-probs would disagree with the trainer's). We therefore
+bucket the batch by prompt length — exact, and free for the G samples of one prompt.
+Recompute mode (``kv_cache=False``, and always under sequence parallelism, where a single
+decode token cannot be split over TP ranks) re-runs the right-padded sequences each step.
+
+Every rank of a model-parallel group returns the same batch: tokens are drawn on the last
+pipeline stage, TP rank 0, and broadcast over the model-parallel group.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..algorithms.rollout_correction import sampling_distribution
+from ..parallel import cpu_mode
+from .base import RolloutBatch, SamplingConfig, assemble_batch
+from .pipeline_forward import forward_logits
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class MegatronSampler:
+    """``RolloutEngine`` over the actor's own model chunks (weights are always in sync)."""
+
+    def __init__(self, chunks: list, vocab_size: int, eos_id: int, pad_id: int,
+                 hidden_size: int, dtype: torch.dtype, kv_cache: bool = True,
+                 sequence_parallel: bool = False, tp_size: int = 1,
+                 decode=None) -> None:
+        self.chunks = chunks
+        self.vocab_size = vocab_size
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.hidden_size, self.dtype = hidden_size, dtype
+        self.kv_cache = kv_cache and not sequence_parallel
+        self.pad_multiple = tp_size if sequence_parallel else 1
+        self.decode = decode  # optional ids -> text, for RolloutBatch.response_texts
+
+    # The actor's weights are the sampler's weights: nothing to sync or offload.
+    def sync_weights(self) -> dict[str, float]:
+        return {}
+
+    def sleep(self) -> None:
+        return None
+
+    def wake(self) -> None:
+        return None
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> RolloutBatch:
+        start = time.perf_counter()
+        sequences = [list(p) for p in prompts for _ in range(sampling.group_size)]
+        responses: list[list[int]] = [[] for _ in sequences]
+        logprobs: list[list[float]] = [[] for _ in sequences]
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            for index in self._buckets(sequences):
+                bucket = [sequences[i] for i in index]
+                toks, lps = self._generate_bucket(
+                    bucket, torch.tensor(index) + sampling.row_offset, sampling)
+                for j, i in enumerate(index):
+                    responses[i], logprobs[i] = toks[j], lps[j]
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        finished = [bool(r) and r[-1] == self.eos_id for r in responses]
+        texts = [self.decode(r) for r in responses] if self.decode else None
+        batch = assemble_batch(sequences, responses, logprobs, finished, sampling.group_size,
+                               self.pad_id, texts)
+        batch.timings["generate_s"] = time.perf_counter() - start
+        return batch
+
+    def _buckets(self, sequences: list[list[int]]) -> list[list[int]]:
+        if not self.kv_cache:
+            return [list(range(len(sequences)))]
+        by_length: dict[int, list[int]] = {}
+        for i, seq in enumerate(sequences):
+            by_length.setdefault(len(seq), []).append(i)
+        return [by_length[k] for k in sorted(by_length)]
+
+    def _generate_bucket(self, prompts, row_ids: torch.Tensor, sampling: SamplingConfig):
+        batch = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts])
+        width = int(lengths.max()) + sampling.max_new_tokens
+        tokens = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        done = torch.zeros(batch, dtype=torch.bool)
+        out_tokens = torch.full((batch, sampling.max_new_tokens), self.pad_id, dtype=torch.long)
+        out_logprobs = torch.zeros((batch, sampling.max_new_tokens))
+        context = self._new_context(batch, width) if self.kv_cache else None
+        for step in range(sampling.max_new_tokens):
+            logits = self._next_token_logits(tokens, lengths + step, step, context)
+            new, new_lp = self._sample_and_share(logits, sampling, row_ids, step)
+            new = torch.where(done, torch.full_like(new, self.pad_id), new)
+            out_tokens[:, step] = new
+            out_logprobs[:, step] = torch.where(done, 0.0, new_lp)
+            tokens[torch.arange(batch), lengths + step] = new
+            done |= new == self.eos_id
+            if bool(done.all()):
+                break
+        return self._trim(out_tokens, out_logprobs)
+
+    def _trim(self, out_tokens, out_logprobs):
+        toks, lps = [], []
+        for row_t, row_l in zip(out_tokens.tolist(), out_logprobs.tolist()):
+            end = row_t.index(self.eos_id) + 1 if self.eos_id in row_t else len(row_t)
+            toks.append(row_t[:end])
+            lps.append(row_l[:end])
+        return toks, lps
+
+    def _new_context(self, batch: int, width: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        return StaticInferenceContext(batch, _round_up(width, 8))
+
+    def _next_token_logits(self, tokens, positions, step: int, context) -> Optional[torch.Tensor]:
+        """Logits ``[b, V]`` for the token after ``positions - 1`` (last stage only)."""
+        if context is not None:
+            if step == 0:
+                ids = tokens[:, : int(positions[0])]
+            else:
+                context.sequence_len_offset = int(positions[0]) - 1
+                ids = tokens[:, int(positions[0]) - 1: int(positions[0])]
+            # The prefill allocates the KV cache and moves RoPE tables (megatron writes
+            # device="cuda" there); decode steps allocate nothing and run outside the
+            # cuda->cpu mapping, which costs ~1.3x on a one-token forward (DESIGN §7a).
+            with cpu_mode.cuda_to_cpu() if step == 0 else contextlib.nullcontext():
+                logits = forward_logits(self.chunks, ids, context, self.hidden_size, self.dtype)
+            if step == 0:
+                context.sequence_len_offset = ids.shape[1]
+            return None if logits is None else logits[:, -1, : self.vocab_size].float()
+        width = _round_up(int(positions.max()), self.pad_multiple)
+        with cpu_mode.cuda_to_cpu():
+            logits = forward_logits(self.chunks, tokens[:, :width].contiguous(), None,
+                                    self.hidden_size, self.dtype)
+        if logits is None:
+            return None
+        rows = torch.arange(tokens.shape[0])
+        return logits[rows, positions - 1, : self.vocab_size].float()
+
+    def _sample_and_share(self, logits, sampling: SamplingConfig, row_ids, step: int):
+        """Sample on the last stage's TP rank 0; broadcast over the model-parallel group."""
+        from megatron.core import parallel_state as ps
+
+        packed = torch.zeros((2, len(row_ids)), dtype=torch.float64)
+        if logits is not None:
+            logp = sampling_distribution(logits, sampling.temperature,
+                                         max(sampling.top_k, 0), sampling.top_p)
+            noise = gumbel_noise(sampling.seed, row_ids, step, logp.shape[-1])
+            new = torch.argmax(logp + noise, dim=-1)  # Gumbel-max: a draw from exp(logp)
+            packed[0] = new.double()
+            packed[1] = logp.gather(1, new.unsqueeze(1)).squeeze(1).double()
+        group = ps.get_model_parallel_group()
+        if dist.get_world_size(group) > 1:
+            # TP ranks are contiguous in megatron's rank order: the last stage's TP rank 0.
+            src = ps.get_pipeline_model_parallel_last_rank() - ps.get_tensor_model_parallel_rank()
+            dist.broadcast(packed, src=src, group=group)
+        return packed[0].long(), packed[1].float()
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (murmur3 finaliser) on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: int, row_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Counter-based Gumbel noise ``[len(row_ids), vocab]``: a pure function of
+    (seed, sequence index, decode step, token id).
+
+    The draw for a sequence therefore does not depend on how the batch was bucketed,
+    split over data-parallel ranks or laid out over TP/PP — a KV-cached run, a recomputing
+    run and any parallel layout sample the same tokens from the same logits.
+    """
+    key = _mix32(torch.tensor([int(seed) & _MASK32], dtype=torch.int64))
+    key = _mix32(key ^ ((int(step) * 0x9E3779B1) & _MASK32))
+    rows = _mix32(key ^ (row_ids.to(torch.int64).unsqueeze(1) * 0x27D4EB2F & _MASK32))
+    cols = torch.arange(vocab, dtype=torch.int64).unsqueeze(0)
+    bits = _mix32(_mix32(rows ^ cols) + 0x165667B1 & _MASK32)
+    uniform = (bits.to(torch.float64) + 0.5) / 4294967296.0  # in (0, 1)
+    return -torch.log(-torch.log(uniform)).to(torch.float32)

@@ -1,0 +1,316 @@
+"""The training loop (DESIGN.md §1): rollout → reward → old log-probs → LENS advantages →
+clipped policy loss → optimizer step → weight sync, with checkpoint/resume, metrics and the
+learning-signal guard.
+
+Every rank runs this loop. Prompts are drawn identically everywhere; each data-parallel rank
+generates and scores its slice, and the slices are gathered, so the LENS stage sees every
+group. ``estimator: grpo`` and ``estimator: lens`` differ only in the advantage stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .actor import LensActor, NonFiniteLossError, TokenBatch
+from .algorithms.advantages import compute_advantages_with_diagnostics
+from .algorithms.loss import compute_global_normalizer
+from .algorithms.rollout_correction import rollout_correction_weights
+from .algorithms.signal import StallGuard, learning_signal
+from .checkpoint.training_state import (
+    checkpoint_root,
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from .config import LensTrainConfig, to_yaml
+from .data.prompt_source import PromptSource
+from .metrics_log import MetricsLogger
+from .rollout.base import RolloutBatch, SamplingConfig, concat_batches
+from .rollout.factory import build_engine
+from .scoring import RolloutScorer
+from .tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStalled(RuntimeError):
+    """``trainer.stall_steps`` consecutive steps gave no gradient signal."""
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def step_seed(base: int, step: int) -> int:
+    return (int(base) * 1_000_003 + int(step) * 7919) % (2**31 - 1)
+
+
+def _confidence_by_group_kind(diag) -> dict[str, float]:
+    """Mean confidence p̄ of wrong answers in negative groups and in mixed groups."""
+    from .algorithms.advantages import GROUP_MIXED, GROUP_NEGATIVE
+
+    conf, wrong = diag.confidence, diag.rewards < 1.0
+    out = {}
+    for name, kind in (("negative", GROUP_NEGATIVE), ("mixed", GROUP_MIXED)):
+        chosen = (diag.group_kind == kind).unsqueeze(1) & wrong
+        out[f"confidence/wrong_in_{name}_groups"] = (
+            float(conf[chosen].mean()) if bool(chosen.any()) else float("nan"))
+    return out
+
+
+class LensTrainer:
+    def __init__(self, cfg: LensTrainConfig) -> None:
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg.model.tokenizer.type, cfg.model.tokenizer.path)
+        if self.tokenizer.vocab_size > cfg.model.arch.vocab_size:
+            raise ValueError(f"model.arch.vocab_size={cfg.model.arch.vocab_size} is smaller than the "
+                             f"tokenizer's vocabulary ({self.tokenizer.vocab_size})")
+        updates = cfg.optim.updates_per_rollout
+        self.actor = LensActor(cfg, total_optimizer_steps=cfg.trainer.max_steps * updates)
+        self.engine = build_engine(cfg, self.actor, self.tokenizer)
+        self.prompts = PromptSource(cfg.data, self.tokenizer, cfg.rollout.prompts_per_step,
+                                    cfg.rollout.max_prompt_length)
+        self.scorer = RolloutScorer(cfg.reward) if self._is_mp_leader() else None
+        self.guard = StallGuard(cfg.trainer.stall_steps)
+        self.run_dir = os.path.join(cfg.exp_manager.exp_dir, cfg.exp_manager.name)
+        self.ckpt_root = checkpoint_root(cfg.exp_manager.exp_dir, cfg.exp_manager.name)
+        self.step = 0
+        self.totals = {"negative_groups_with_gradient": 0.0, "reward_timeouts": 0.0,
+                       "reward_parse_failures": 0.0, "reward_errors": 0.0}
+
+    # ---------------------------------------------------------------- topology
+    @staticmethod
+    def _is_mp_leader() -> bool:
+        return dist.get_rank(_ps().get_model_parallel_group()) == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return _ps().get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return _ps().get_data_parallel_world_size()
+
+    # ---------------------------------------------------------------- run
+    def run(self, stop_requested=None) -> dict:
+        """Train until ``trainer.max_steps``; returns the last step's metrics."""
+        self.maybe_resume()
+        log = MetricsLogger(self.run_dir, enabled=dist.get_rank() == 0,
+                            tensorboard=self.cfg.exp_manager.tensorboard,
+                            wandb_project=self.cfg.exp_manager.wandb_project,
+                            run_name=self.cfg.exp_manager.name,
+                            total_steps=self.cfg.trainer.max_steps, start_step=self.step,
+                            progress_bar=self.cfg.trainer.progress_bar)
+        if dist.get_rank() == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(to_yaml(self.cfg))
+        metrics: dict = {}
+        try:
+            while self.step < self.cfg.trainer.max_steps:
+                finite = True
+                try:
+                    metrics = self.train_step()
+                except NonFiniteLossError as exc:
+                    if self.cfg.trainer.stall_steps == 0:
+                        raise
+                    finite, metrics = False, {"skipped/non_finite": 1.0}
+                    log.message(f"step {self.step + 1}: {exc}")
+                self.step += 1
+                log.log(self.step, metrics)
+                stalled = self.guard.update(
+                    metrics.get("signal/effective_sequences", 0.0) > 0, finite)
+                if self._should_save(stop_requested) or stalled:
+                    self.save()
+                if stalled:
+                    raise TrainingStalled(self.guard.reason)
+                if stop_requested is not None and stop_requested():
+                    log.message(f"stopping at step {self.step} on request (checkpoint saved)")
+                    break
+        finally:
+            log.close()
+        return metrics
+
+    def _should_save(self, stop_requested) -> bool:
+        every = self.cfg.trainer.save_every
+        last = self.step == self.cfg.trainer.max_steps
+        periodic = every > 0 and self.step % every == 0
+        return last or periodic or (stop_requested is not None and stop_requested())
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict[str, float]:
+        cfg, timings = self.cfg, {}
+        start = time.perf_counter()
+        prompts = self.prompts.next_batch()
+        batch, rewards, reward_counts = self._rollout_and_score(prompts, timings)
+        tokens = TokenBatch.from_rollout(batch.input_ids, batch.response_mask,
+                                         self.actor.pad_multiple)
+        t0 = time.perf_counter()
+        old = self.actor.compute_logprobs(tokens, entropy=False)["token_logprobs"]
+        self._check_finite(old, tokens.target_mask, "old-policy log-probs")
+        ref = (self.actor.compute_logprobs(tokens, reference=True)["token_logprobs"]
+               if cfg.loss.kl_coef > 0 else None)
+        timings["time/old_logprobs_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        lengths = tokens.target_mask.sum(1)
+        advantages, diag = compute_advantages_with_diagnostics(
+            rewards, (old * tokens.target_mask).sum(1), lengths, batch.group_size, cfg.lens)
+        timings["time/lens_stage_s"] = time.perf_counter() - t0
+
+        weights, mismatch = self._rollout_weights(batch, old, tokens.target_mask)
+        train_metrics = self._updates(tokens, old, advantages, weights, ref, timings)
+        t0 = time.perf_counter()
+        timings.update({f"time/{k}": v for k, v in self.engine.sync_weights().items()})
+        timings["time/weight_sync_s"] = time.perf_counter() - t0
+        timings["time/step_s"] = time.perf_counter() - start
+        return self._step_metrics(batch, rewards, reward_counts, advantages, diag, mismatch,
+                                  train_metrics, timings)
+
+    def _rollout_and_score(self, prompts, timings):
+        cfg = self.cfg
+        per_rank = len(prompts) // self.dp_size
+        mine = prompts[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        sampling = SamplingConfig(
+            group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=step_seed(cfg.trainer.seed, self.step),
+            row_offset=self.dp_rank * per_rank * cfg.rollout.group_size)
+        t0 = time.perf_counter()
+        self.engine.wake()
+        local = self.engine.generate([p.token_ids for p in mine], sampling)
+        self.engine.sleep()
+        timings["time/rollout_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        golds = [p.record.answer for p in mine for _ in range(cfg.rollout.group_size)]
+        scored = self.scorer.score(local, golds) if self.scorer is not None else None
+        local_rewards, counts = self._mp_broadcast(scored)
+        timings["time/reward_s"] = time.perf_counter() - t0
+        parts = [(local, local_rewards, counts)]
+        if self.dp_size > 1:
+            parts = [None] * self.dp_size
+            dist.all_gather_object(parts, (local, local_rewards, counts),
+                                   group=_ps().get_data_parallel_group())
+        batch = concat_batches([p[0] for p in parts])
+        rewards = torch.cat([p[1] for p in parts])
+        totals = {k: sum(p[2][k] for p in parts) for k in parts[0][2]}
+        return batch, rewards, totals
+
+    @staticmethod
+    def _mp_broadcast(obj):
+        """Share the model-parallel leader's object with the rest of its group."""
+        group = _ps().get_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        return box[0]
+
+    def evaluate(self, records, samples: int, seed: int = 0):
+        """pass@k of the current policy on ``records`` (every rank gets the result)."""
+        from .eval.rollout_eval import evaluate_pass_at_k
+
+        cfg = self.cfg.rollout
+        return evaluate_pass_at_k(
+            self.engine, self.scorer, lambda r: self.prompts.tokenize(r).token_ids, records,
+            samples, temperature=cfg.temperature, top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens, seed=seed, mp_broadcast=self._mp_broadcast)
+
+    def _rollout_weights(self, batch: RolloutBatch, old, mask):
+        """Mismatch metrics always; per-token correction weights when configured."""
+        sampled = torch.zeros_like(old)
+        sampled[:, :-1] = batch.sampling_logprobs[:, 1:]
+        correction = self.cfg.loss.correction_config()
+        weights, metrics = rollout_correction_weights(old, sampled, mask, correction)
+        metrics = {f"mismatch/{k}": float(v) for k, v in metrics.items()}
+        return (None if correction.rollout_correction == "none" else weights), metrics
+
+    def _updates(self, tokens, old, advantages, weights, ref, timings) -> dict[str, float]:
+        cfg = self.cfg
+        n = tokens.input_ids.shape[0]
+        per_update = n // cfg.optim.updates_per_rollout
+        t0, collected = time.perf_counter(), []
+        for u in range(cfg.optim.updates_per_rollout):
+            lo, hi = u * per_update, (u + 1) * per_update
+            part = tokens.slice(lo, hi)
+            normalizer = compute_global_normalizer([part.target_mask], cfg.loss.normalization)
+            collected.append(self.actor.train_step(
+                part, old[lo:hi], advantages[lo:hi], normalizer,
+                rollout_weights=None if weights is None else weights[lo:hi],
+                ref_logprobs=None if ref is None else ref[lo:hi]))
+        timings["time/train_s"] = time.perf_counter() - t0
+        return {f"train/{k}": sum(c[k] for c in collected) / len(collected) for k in collected[0]}
+
+    @staticmethod
+    def _check_finite(values, mask, what: str) -> None:
+        bad = mask & ~torch.isfinite(values)
+        if bool(bad.any()):
+            rows = bad.any(1).nonzero().flatten()[:5].tolist()
+            raise NonFiniteLossError(f"{what} are NaN/inf in sequences {rows}; the step was "
+                                     "stopped before the LENS stage and no weights changed")
+
+    def _step_metrics(self, batch, rewards, reward_counts, advantages, diag, mismatch,
+                      train_metrics, timings) -> dict[str, float]:
+        signal = learning_signal(rewards, advantages, batch.group_size, batch.response_lengths)
+        self.totals["negative_groups_with_gradient"] += signal.negative_groups_with_gradient
+        for key in ("timeouts", "parse_failures", "errors"):
+            self.totals[f"reward_{key}"] += reward_counts.get(key, 0)
+        correct = rewards >= 1.0
+        tokens = int(batch.response_lengths.sum() + batch.prompt_lengths.sum())
+        out = {
+            "reward/mean": float(rewards.mean()),
+            "reward/accuracy": float(correct.float().mean()),
+            "response/length_mean": float(batch.response_lengths.float().mean()),
+            "response/finished_fraction": float(batch.finished.float().mean()),
+            "advantage/mean": float(advantages.mean()),
+            "advantage/abs_mean": float(advantages.abs().mean()),
+            "throughput/tokens_per_s": tokens / max(timings["time/step_s"], 1e-9),
+            "data/truncated_prompts": float(self.prompts.truncated_prompts),
+        }
+        out.update(diag.as_dict(prefix="groups/"))
+        out.update(_confidence_by_group_kind(diag))
+        out.update(signal.as_dict())
+        out.update({f"total/{k}": v for k, v in self.totals.items()})
+        out.update({f"reward/{k}": float(v) for k, v in reward_counts.items()})
+        out.update(mismatch)
+        out.update(train_metrics)
+        out.update(timings)
+        return out
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> str:
+        state = {"data": self.prompts.state_dict(), "guard": self.guard.state_dict(),
+                 "totals": self.totals, "config": dataclasses.asdict(self.cfg)}
+        return save_training_checkpoint(self.ckpt_root, self.step, self.actor.training, state,
+                                        keep=self.cfg.exp_manager.keep_checkpoints)
+
+    def maybe_resume(self) -> Optional[str]:
+        mode = self.cfg.exp_manager.resume
+        if mode == "never":
+            return None
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            if mode == "must":
+                raise FileNotFoundError(f"exp_manager.resume=must but no checkpoint in {self.ckpt_root}")
+            return None
+        state = load_training_checkpoint(path, self.actor.training)
+        self.step = int(state["step"])
+        self.prompts.load_state_dict(state["data"])
+        self.guard.load_state_dict(state["guard"])
+        self.totals.update(state["totals"])
+        if dist.get_rank() == 0:
+            logger.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
