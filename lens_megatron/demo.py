@@ -33,7 +33,8 @@ def parse_args(argv):
     p.add_argument("--out", default="demo_out", help="output directory")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rl-steps", type=int, default=None, help="override trainer.max_steps")
-    p.add_argument("--sft-steps", type=int, default=150)
+    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--sft-lr", type=float, default=2e-3)
     p.add_argument("--eval-problems", type=int, default=100)
     p.add_argument("--eval-samples", type=int, default=8)
     p.add_argument("overrides", nargs="*", help="config overrides (key=value)")
@@ -88,7 +89,11 @@ def run(args) -> dict:
     initialize_model_parallel(1, 1, seed=base.trainer.seed)
     log = lambda text: print(text, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    sft = LensTrainer(replace(base, exp_manager={"name": "warm_start"}, optim={"lr": 1e-3}))
+    sft_cfg = replace(base, exp_manager={"name": "warm_start"},
+                      trainer={"max_steps": args.sft_steps},  # horizon of the LR schedule
+                      optim={"lr": args.sft_lr, "warmup_steps": args.sft_steps // 10,
+                             "lr_decay_style": "cosine", "min_lr": args.sft_lr / 20})
+    sft = LensTrainer(sft_cfg)
     log(f"[1/3] supervised warm start: {args.sft_steps} steps")
     warm_start(sft, args.sft_steps, 64, log)
     eval_records = sft.prompts.eval_records[: args.eval_problems]

@@ -19,6 +19,7 @@ import os
 import shutil
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
 from ..models.sharding import unwrap_model
@@ -36,13 +37,39 @@ def _step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:06d}")
 
 
+def _materialize_empty_optimizer_state(optimizer) -> None:
+    """A never-stepped torch Adam has no state, and megatron 0.16's DistributedOptimizer
+    cannot describe an empty state for loading; give it zero-valued state first (the load
+    then overwrites every value)."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if torch_opt is not None and not torch_opt.state and hasattr(
+                inner, "_init_optimizer_states_with_dummy_values"):
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_step_counters(optimizer) -> None:
+    """megatron 0.16 restores torch Adam's per-parameter ``step`` as *one* tensor shared by
+    every parameter; torch then increments it once per parameter per step, corrupting the
+    bias correction after a resume. Give each parameter its own counter again."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        for state in getattr(torch_opt, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
 def _sharded_state_dict(training, is_loading: bool) -> dict:
+    if is_loading:
+        _materialize_empty_optimizer_state(training.optimizer)
     model_sd = {}
     for index, chunk in enumerate(training.chunks):
         model_sd[f"chunk{index}"] = unwrap_model(chunk).sharded_state_dict()
-    # fully_reshardable: a canonical per-parameter optimizer state, so a run can resume at
-    # another TP/PP/DP layout (megatron 0.16 rejects the older flattened formats).
-    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+    # dp_reshardable: each rank writes its optimizer shard as is (fully parallel); a run can
+    # resume at another data-parallel size but the same TP×PP. (megatron 0.16's
+    # fully_reshardable loader breaks on torch Adam's per-parameter "step" state, and its
+    # flattened formats are rejected.) Model weights in the checkpoint reshard freely.
+    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
     return {
         "model": model_sd,
         "optimizer": training.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -126,11 +153,12 @@ def load_training_checkpoint(path: str, training) -> dict[str, Any]:
     """Collective: restore model, optimizer and schedule; return the trainer state."""
     from megatron.core import dist_checkpointing
 
-    with cpu_mode.cuda_to_cpu():
+    with cpu_mode.cuda_to_cpu(), torch.no_grad():
         state = dist_checkpointing.load(_sharded_state_dict(training, is_loading=True), path)
         for index, chunk in enumerate(training.chunks):
             unwrap_model(chunk).load_state_dict(state["model"][f"chunk{index}"])
         training.optimizer.load_state_dict(state["optimizer"])
+        _unshare_adam_step_counters(training.optimizer)
     with open(os.path.join(path, TRAINER_STATE_FILE), encoding="utf-8") as f:
         trainer_state = json.load(f)
     training.scheduler.load_state_dict(trainer_state.pop("scheduler"))

@@ -1,0 +1,61 @@
+"""Shared pieces for trainer tests: a tiny config and rank-side helpers."""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+from lens_megatron.config import LensTrainConfig, load_config
+
+TINY = [
+    "data.task=arithmetic",
+    "model.arch.vocab_size=103",
+    "model.arch.hidden_size=64",
+    "model.arch.ffn_hidden_size=128",
+    "model.arch.num_layers=2",
+    "model.arch.num_attention_heads=2",
+    "model.arch.num_query_groups=2",
+    "model.arch.max_position_embeddings=64",
+    "model.transformer_impl=local",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=8",
+    "model.micro_batch_size=2",
+    "reward.num_workers=0",
+    "trainer.progress_bar=false",
+    "trainer.save_every=0",
+    "optim.lr=1e-3",
+]
+
+
+def tiny_config(tmp_dir: str, *overrides: str, devices: int = 1) -> LensTrainConfig:
+    return load_config(overrides=[*TINY, f"exp_manager.exp_dir={tmp_dir}",
+                                  f"trainer.devices={devices}", *overrides])
+
+
+def init_for(cfg: LensTrainConfig) -> None:
+    """Inside a spawned rank: Megatron groups for cfg's layout."""
+    warnings.filterwarnings("ignore")
+    from lens_megatron.parallel.initialize import initialize_model_parallel
+
+    m = cfg.model
+    initialize_model_parallel(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
+                              m.virtual_pipeline_model_parallel_size, seed=cfg.trainer.seed)
+
+
+def full_weights(trainer) -> dict[str, torch.Tensor]:
+    from lens_megatron.models.gather import gather_full_state_dict
+
+    arch = trainer.cfg.model.arch
+    state = gather_full_state_dict(trainer.actor.chunks, arch.tie_word_embeddings)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if name in state:
+            state[name] = state[name][: arch.vocab_size]
+    return state
+
+
+def hanging_judge(predicted: str, gold: str) -> bool:
+    """A verifier that never returns (for the timeout test)."""
+    while True:
+        time.sleep(1.0)
