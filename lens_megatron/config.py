@@ -200,10 +200,12 @@ class LensTrainConfig:
 
 
 def load_config(path: Optional[str | os.PathLike] = None,
-                overrides: Sequence[str] = ()) -> LensTrainConfig:
+                overrides: Sequence[str] = (), environment: bool = True) -> LensTrainConfig:
     """Schema defaults <- YAML file <- ``key=value`` overrides; then ``validate``.
 
     Overrides use Hydra/OmegaConf dot-list syntax (``model.tensor_model_parallel_size=2``).
+    ``environment=False`` skips the checks that depend on this machine (Transformer Engine
+    and vLLM installed, data files present) — for validating a cluster config elsewhere.
     """
     schema = OmegaConf.structured(LensTrainConfig)
     try:
@@ -224,7 +226,7 @@ def load_config(path: Optional[str | os.PathLike] = None,
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"invalid configuration: {exc}") from exc
-    validate(cfg)
+    validate(cfg, environment=environment)
     return cfg
 
 
@@ -241,14 +243,15 @@ def _one_of(value: Any, key: str, allowed: Sequence[Any]) -> None:
     _check(value in allowed, key, f"must be one of {list(allowed)}, got {value!r}")
 
 
-def validate(cfg: LensTrainConfig, world_size: Optional[int] = None) -> None:
+def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
+             environment: bool = True) -> None:
     """Cross-field checks. ``world_size`` defaults to trainer.num_nodes × trainer.devices."""
     _validate_trainer(cfg.trainer)
     world = world_size if world_size is not None else cfg.world_size
-    _validate_model(cfg.model, world)
-    _validate_rollout(cfg.rollout)
+    _validate_model(cfg.model, world, environment)
+    _validate_rollout(cfg.rollout, environment)
     _validate_optim(cfg.optim)
-    _validate_data(cfg.data)
+    _validate_data(cfg.data, environment)
     _one_of(cfg.exp_manager.resume, "exp_manager.resume", ("auto", "never", "must"))
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 seconds")
     _check(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = in-process)")
@@ -277,7 +280,7 @@ def _validate_trainer(t: TrainerConfig) -> None:
     _one_of(t.backend, "trainer.backend", ("auto", "nccl", "gloo"))
 
 
-def _validate_model(m: ModelConfig, world: int) -> None:
+def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> None:
     from .models.layer_spec import TE_INSTALL_HINT, transformer_engine_available
 
     a = m.arch
@@ -315,16 +318,16 @@ def _validate_model(m: ModelConfig, world: int) -> None:
     _one_of(m.tokenizer.type, "model.tokenizer.type", ("char", "hf"))
     if m.tokenizer.type == "hf":
         _check(bool(m.tokenizer.path), "model.tokenizer.path", "required when type is hf")
+    te = transformer_engine_available() or not environment
     if m.fp8 is not None:
-        _check(transformer_engine_available(), "model.fp8",
-               f"FP8 needs Transformer Engine layers. {TE_INSTALL_HINT}")
+        _check(te, "model.fp8", f"FP8 needs Transformer Engine layers. {TE_INSTALL_HINT}")
         _check(m.transformer_impl != "local", "model.transformer_impl",
                "FP8 needs transformer_impl: transformer_engine (or auto)")
         _check(m.precision in ("bf16", "fp16"), "model.precision",
                "FP8 training keeps bf16/fp16 master weights; set model.precision: bf16")
     if m.transformer_impl == "transformer_engine":
-        _check(transformer_engine_available(), "model.transformer_impl", TE_INSTALL_HINT)
-    _check(cp == 1 or transformer_engine_available(), "model.context_parallel_size",
+        _check(te, "model.transformer_impl", TE_INSTALL_HINT)
+    _check(cp == 1 or te, "model.context_parallel_size",
            "context parallelism needs Transformer Engine attention")
     _check(not m.sequence_parallel or tp > 1, "model.sequence_parallel",
            "sequence parallelism needs tensor_model_parallel_size > 1")
@@ -334,7 +337,7 @@ def _validate_model(m: ModelConfig, world: int) -> None:
                "model.arch.rope_scaling", "high_freq_factor must exceed low_freq_factor")
 
 
-def _validate_rollout(r: RolloutConfig) -> None:
+def _validate_rollout(r: RolloutConfig, environment: bool = True) -> None:
     _one_of(r.engine, "rollout.engine", ("megatron", "vllm"))
     _check(r.group_size >= 1, "rollout.group_size", "must be >= 1")
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
@@ -343,7 +346,7 @@ def _validate_rollout(r: RolloutConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "must be -1 (off) or >= 1")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    if r.engine == "vllm":
+    if r.engine == "vllm" and environment:
         from importlib.util import find_spec
 
         _check(find_spec("vllm") is not None, "rollout.engine",
@@ -358,12 +361,12 @@ def _validate_optim(o: OptimConfig) -> None:
     _one_of(o.lr_decay_style, "optim.lr_decay_style", ("constant", "linear", "cosine"))
 
 
-def _validate_data(d: DataConfig) -> None:
+def _validate_data(d: DataConfig, environment: bool = True) -> None:
     _one_of(d.task, "data.task", ("file", "arithmetic"))
     if d.task == "file":
         _check(bool(d.train_path), "data.train_path",
                "required when data.task is file (a .jsonl or .parquet prompt set)")
-        _check(Path(d.train_path).exists(), "data.train_path",
+        _check(not environment or Path(d.train_path).exists(), "data.train_path",
                f"{d.train_path!r} does not exist")
 
 

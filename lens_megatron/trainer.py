@@ -125,6 +125,7 @@ class LensTrainer:
                     finite, metrics = False, {"skipped/non_finite": 1.0}
                     log.message(f"step {self.step + 1}: {exc}")
                 self.step += 1
+                metrics.update(self._maybe_evaluate())
                 log.log(self.step, metrics)
                 stalled = self.guard.update(
                     metrics.get("signal/effective_sequences", 0.0) > 0, finite)
@@ -138,6 +139,14 @@ class LensTrainer:
         finally:
             log.close()
         return metrics
+
+    def _maybe_evaluate(self) -> dict[str, float]:
+        every = self.cfg.trainer.eval_every
+        if every <= 0 or self.step % every or not self.prompts.eval_records:
+            return {}
+        result = self.evaluate(self.prompts.eval_records, self.cfg.data.eval_samples_per_problem,
+                               seed=step_seed(self.cfg.trainer.seed, 10**6 + self.step))
+        return result.flat("eval")
 
     def _should_save(self, stop_requested) -> bool:
         every = self.cfg.trainer.save_every

@@ -1,5 +1,7 @@
 """Config loading and validation: every rule names the key and the fix, before any
 process group exists."""
+import os
+
 import pytest
 
 from lens_megatron.config import ConfigError, load_config
@@ -76,3 +78,22 @@ def test_algorithm_sections_validate_through_their_dataclasses():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nope/config.yaml")
+
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(EXAMPLES)))
+def test_example_configs_are_valid(name):
+    """Cluster configs validate against the schema and layout rules (not this machine's
+    packages or data paths); the tiny default validates fully."""
+    path = os.path.join(EXAMPLES, name)
+    cfg = load_config(path, environment=name == "tiny_cpu.yaml")
+    if name.startswith("llama31_8b"):
+        assert cfg.optim.lr == 3e-7 and cfg.model.arch.rope_scaling.factor == 8.0
+    if name.startswith("qwen25_3b"):
+        assert cfg.optim.lr == 1e-6 and cfg.model.arch.tie_word_embeddings
+    if name != "tiny_cpu.yaml":
+        assert cfg.rollout.prompts_per_step * cfg.rollout.group_size == 512
+        assert cfg.rollout.max_new_tokens == 4096 and cfg.optim.updates_per_rollout == 4
+        assert cfg.lens.negative_group_weight == 0.25 and cfg.loss.kl_coef == 0.0
