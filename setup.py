@@ -10,6 +10,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["lens_megatron", "lens_megatron.*"]) + ["lens_kernels"],
     package_dir={"lens_kernels": "kernels"},
+    package_data={"lens_megatron": ["configs/*.yaml"]},
+    include_package_data=True,
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16",
@@ -34,6 +36,11 @@ setup(
     entry_points={
         "console_scripts": [
             "lens-train=lens_megatron.cli:train_main",
+            "lens-demo=lens_megatron.cli:demo_main",
+            "lens-bench=lens_megatron.bench.throughput:main",
+            "lens-convert=lens_megatron.checkpoint.convert_cli:hf_to_megatron_main",
+            "lens-export-hf=lens_megatron.checkpoint.convert_cli:megatron_to_hf_main",
+            "lens-launch=lens_megatron.launch.slurm:main",
         ],
     },
 )

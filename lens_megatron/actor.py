@@ -18,6 +18,7 @@ to the logits), so the LENS stage sees every group on every rank.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -230,14 +231,18 @@ class LensActor:
             return loss, torch.zeros((), dtype=torch.int), metrics
 
         zero_grads(self.training)
+        start = time.perf_counter()
         results = self._run_schedule(self.chunks, batches, policy_loss, forward_only=False)
         metrics = self._reduce_metrics(results, len(batches))
+        metrics["time_fwd_bwd_s"] = time.perf_counter() - start
         if not math.isfinite(metrics["loss"]):
             zero_grads(self.training)
             raise NonFiniteLossError(
                 f"non-finite loss ({metrics['loss']}) — the log-probs or advantages contain "
                 "NaN/inf; the optimizer step was skipped and no weights changed")
+        start = time.perf_counter()
         ok, grad_norm, _ = optimizer_step(self.training)
+        metrics["time_optimizer_s"] = time.perf_counter() - start
         if not ok or not math.isfinite(grad_norm):
             zero_grads(self.training)
             raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}); step skipped")

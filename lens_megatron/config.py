@@ -100,6 +100,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     max_prompt_length: int = 256
     kv_cache: bool = True
+    ignore_eos: bool = False  # generate exactly max_new_tokens (throughput benchmarks)
     mismatch_mask_threshold: Optional[float] = None  # mask seqs with mean|Δlogp| above this
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 

@@ -191,7 +191,7 @@ class LensTrainer:
         sampling = SamplingConfig(
             group_size=cfg.rollout.group_size, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-            max_new_tokens=cfg.rollout.max_new_tokens,
+            max_new_tokens=cfg.rollout.max_new_tokens, ignore_eos=cfg.rollout.ignore_eos,
             seed=step_seed(cfg.trainer.seed, self.step),
             row_offset=self.dp_rank * per_rank * cfg.rollout.group_size)
         t0 = time.perf_counter()
@@ -257,6 +257,8 @@ class LensTrainer:
                 rollout_weights=None if weights is None else weights[lo:hi],
                 ref_logprobs=None if ref is None else ref[lo:hi]))
         timings["time/train_s"] = time.perf_counter() - t0
+        for key in ("time_fwd_bwd_s", "time_optimizer_s"):  # summed over the updates
+            timings[f"time/{key[5:]}"] = sum(c.pop(key) for c in collected)
         return {f"train/{k}": sum(c[k] for c in collected) / len(collected) for k in collected[0]}
 
     @staticmethod

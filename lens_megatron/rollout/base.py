@@ -32,6 +32,8 @@ class SamplingConfig:
     # keyed by (seed, global sequence index, step), so a data-parallel split samples exactly
     # what one process would.
     row_offset: int = 0
+    # Generate exactly max_new_tokens (benchmarks: fixed-length responses).
+    ignore_eos: bool = False
 
 
 @dataclass

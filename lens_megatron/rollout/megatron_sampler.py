@@ -74,7 +74,8 @@ class MegatronSampler:
         finally:
             for chunk in self.chunks:
                 chunk.train()
-        finished = [bool(r) and r[-1] == self.eos_id for r in responses]
+        finished = [bool(r) and r[-1] == self.eos_id and not sampling.ignore_eos
+                    for r in responses]
         texts = [self.decode(r) for r in responses] if self.decode else None
         batch = assemble_batch(sequences, responses, logprobs, finished, sampling.group_size,
                                self.pad_id, texts)
@@ -107,15 +108,17 @@ class MegatronSampler:
             out_tokens[:, step] = new
             out_logprobs[:, step] = torch.where(done, 0.0, new_lp)
             tokens[torch.arange(batch), lengths + step] = new
-            done |= new == self.eos_id
+            if not sampling.ignore_eos:
+                done |= new == self.eos_id
             if bool(done.all()):
                 break
-        return self._trim(out_tokens, out_logprobs)
+        return self._trim(out_tokens, out_logprobs, sampling.ignore_eos)
 
-    def _trim(self, out_tokens, out_logprobs):
+    def _trim(self, out_tokens, out_logprobs, ignore_eos: bool = False):
         toks, lps = [], []
         for row_t, row_l in zip(out_tokens.tolist(), out_logprobs.tolist()):
-            end = row_t.index(self.eos_id) + 1 if self.eos_id in row_t else len(row_t)
+            stop = not ignore_eos and self.eos_id in row_t
+            end = row_t.index(self.eos_id) + 1 if stop else len(row_t)
             toks.append(row_t[:end])
             lps.append(row_l[:end])
         return toks, lps

@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the library (entry points lens-bench, ...)."""
