@@ -54,8 +54,8 @@ def load_and_check(config: Optional[str], overrides: Sequence[str]):
     return cfg, env
 
 
-def run_training(cfg, stop_requested=None) -> dict:
-    """Initialise process groups, train, tear down. Returns the last step's metrics."""
+def run_training(cfg, stop_requested=None) -> bool:
+    """Initialise process groups, train, tear down. True when trainer.max_steps was reached."""
     from .parallel.initialize import destroy_parallel, init_process_group, initialize_model_parallel
     from .trainer import LensTrainer
 
@@ -66,37 +66,40 @@ def run_training(cfg, stop_requested=None) -> dict:
                               seed=cfg.trainer.seed, timeout_minutes=cfg.trainer.timeout_minutes)
     trainer = LensTrainer(cfg)
     try:
-        return trainer.run(stop_requested=stop_requested)
+        trainer.run(stop_requested=stop_requested)
+        return trainer.finished
     finally:
         trainer.close()
         destroy_parallel()
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = train_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    _quiet_third_party()
-    try:
-        cfg, env = load_and_check(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"lens-train: configuration error: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        from .config import to_yaml
-
-        print(to_yaml(cfg))
-        return 0
+    """Exit codes: 0 done, 2 configuration error, PREEMPTED_EXIT_CODE (75) stopped by a
+    preemption signal after saving a checkpoint (the SLURM script requeues on it)."""
     from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 
+    args = train_parser().parse_args(argv)
+    # Installed first: a preemption signal during the (slow) imports below must not kill us.
     handler = PreemptionHandler()
     handler.install()
     try:
-        run_training(cfg, stop_requested=handler.should_stop)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        _quiet_third_party()
+        try:
+            cfg, _ = load_and_check(args.config, args.overrides)
+        except ConfigError as exc:
+            print(f"lens-train: configuration error: {exc}", file=sys.stderr)
+            return 2
+        if args.print_config:
+            from .config import to_yaml
+
+            print(to_yaml(cfg))
+            return 0
+        finished = run_training(cfg, stop_requested=handler.should_stop)
     finally:
         handler.uninstall()
-    if handler.requested:
-        return PREEMPTED_EXIT_CODE
-    return 0
+    # A stop that arrived after the last step needs no requeue.
+    return PREEMPTED_EXIT_CODE if handler.requested and not finished else 0
 
 
 def demo_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -129,11 +129,13 @@ class LensTrainer:
                 log.log(self.step, metrics)
                 stalled = self.guard.update(
                     metrics.get("signal/effective_sequences", 0.0) > 0, finite)
-                if self._should_save(stop_requested) or stalled:
+                # Ask once per step (a collective): the same answer decides save and exit.
+                stop = stop_requested is not None and stop_requested()
+                if self._should_save() or stalled or stop:
                     self.save()
                 if stalled:
                     raise TrainingStalled(self.guard.reason)
-                if stop_requested is not None and stop_requested():
+                if stop:
                     log.message(f"stopping at step {self.step} on request (checkpoint saved)")
                     break
         finally:
@@ -148,11 +150,14 @@ class LensTrainer:
                                seed=step_seed(self.cfg.trainer.seed, 10**6 + self.step))
         return result.flat("eval")
 
-    def _should_save(self, stop_requested) -> bool:
+    def _should_save(self) -> bool:
         every = self.cfg.trainer.save_every
         last = self.step == self.cfg.trainer.max_steps
-        periodic = every > 0 and self.step % every == 0
-        return last or periodic or (stop_requested is not None and stop_requested())
+        return last or (every > 0 and self.step % every == 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.cfg.trainer.max_steps
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict[str, float]:

@@ -13,7 +13,8 @@ def test_torchrun_environment():
 
 
 def test_slurm_one_task_per_gpu_multi_node():
-    env = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
+    env = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16",
+           "SLURM_LOCALID": "5",
            "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NODELIST": "gpu[007-008]",
            "SLURM_JOB_ID": "4242"}
     d = detect_dist_env(env)
@@ -23,7 +24,8 @@ def test_slurm_one_task_per_gpu_multi_node():
 
 
 def test_slurm_tasks_per_node_from_step_layout():
-    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3",
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
+           "SLURM_LOCALID": "3",
            "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "a1,a2",
            "MASTER_PORT": "29999"}
     d = detect_dist_env(env)
@@ -56,3 +58,21 @@ def test_expand_slurm_nodelist(nodelist, expected):
 def test_bad_integer_names_the_variable():
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         detect_dist_env({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+def test_batch_shell_outside_srun_is_a_single_process():
+    # The sbatch shell has SLURM_PROCID=0 and the job's task count, but no step variables:
+    # treating it as rank 0 of 2 would wait forever for a rank 1 that was never started.
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_NTASKS_PER_NODE": "2"}
+    d = detect_dist_env(env)
+    assert (d.world_size, d.launcher) == (1, "single")
+
+
+def test_step_layout_wins_over_job_layout():
+    # `srun -n1` inside a --ntasks-per-node=2 job.
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "1",
+           "SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "2", "SLURM_STEP_TASKS_PER_NODE": "1",
+           "SLURM_STEP_NODELIST": "n1"}
+    d = detect_dist_env(env)
+    assert (d.world_size, d.local_world_size) == (1, 1)

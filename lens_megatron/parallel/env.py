@@ -1,6 +1,7 @@
 """Where this process sits in the job: rank, world size, local rank and rendezvous address,
 read from torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) or from SLURM
-(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST), or a single process.
+(SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID/SLURM_STEP_NODELIST, only inside an srun
+step), or a single process.
 
 torchrun wins when both are present (``srun torchrun`` with one task per node sets both).
 """
@@ -63,7 +64,9 @@ def _int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> int
 def _slurm_tasks_per_node(env: Mapping[str, str], world_size: int) -> int:
     # SLURM_NTASKS_PER_NODE is set only with --ntasks-per-node; SLURM_STEP_TASKS_PER_NODE /
     # SLURM_TASKS_PER_NODE look like "4(x2)" or "4,3".
-    for key in ("SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+    # The step's own layout first: `srun -n1` inside a --ntasks-per-node=2 job still
+    # inherits SLURM_NTASKS_PER_NODE=2.
+    for key in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
         if env.get(key):
             return int(re.match(r"\d+", env[key]).group(0))
     return world_size
@@ -91,8 +94,10 @@ def detect_dist_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
             master_port=_int(env, "MASTER_PORT", DEFAULT_MASTER_PORT),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        world = _int(env, "SLURM_NTASKS")
+    # Only inside an srun step: the batch shell itself also has SLURM_PROCID=0 and
+    # SLURM_NTASKS=<job tasks>, and would wait forever for ranks that are not there.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        world = _int(env, "SLURM_STEP_NUM_TASKS")
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
         hosts = expand_slurm_nodelist(nodelist) if nodelist else []
         return DistEnv(
