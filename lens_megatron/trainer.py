@@ -307,7 +307,9 @@ class LensTrainer:
         state = {"data": self.prompts.state_dict(), "guard": self.guard.state_dict(),
                  "totals": self.totals, "config": dataclasses.asdict(self.cfg)}
         return save_training_checkpoint(self.ckpt_root, self.step, self.actor.training, state,
-                                        keep=self.cfg.exp_manager.keep_checkpoints)
+                                        keep=self.cfg.exp_manager.keep_checkpoints,
+                                        arch=self.cfg.model.arch,
+                                        params_dtype=self.cfg.model.precision)
 
     def maybe_resume(self) -> Optional[str]:
         mode = self.cfg.exp_manager.resume

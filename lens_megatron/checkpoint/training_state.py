@@ -87,8 +87,12 @@ def _barrier() -> None:
 
 
 def save_training_checkpoint(root: str, step: int, training, trainer_state: dict[str, Any],
-                             keep: int = 2) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+                             keep: int = 2, arch=None, params_dtype: str = "fp32") -> str:
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    With ``arch`` the checkpoint also gets ``lens_checkpoint.json``, so it can be exported
+    to HF (``tools/convert_megatron_to_hf.py``) or used as ``model.load`` directly.
+    """
     from megatron.core import dist_checkpointing
 
     final = _step_dir(root, step)
@@ -107,6 +111,10 @@ def save_training_checkpoint(root: str, step: int, training, trainer_state: dict
                      scheduler=training.scheduler.state_dict())
         with open(os.path.join(tmp, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(state, f)
+        if arch is not None:
+            from .model_io import write_checkpoint_info
+
+            write_checkpoint_info(tmp, arch, params_dtype, {"step": step, "kind": "training"})
     _barrier()
     if _rank0():
         if os.path.exists(final):

@@ -12,7 +12,7 @@ from .layer_spec import LocalRMSNorm, layer_spec_for, resolve_transformer_impl
 from .sharding import iter_canonical_parameters, shard_spec
 
 
-def _block_spec(layer_spec, config, impl: str, vp_stage: Optional[int]):
+def block_spec(layer_spec, config, impl: str, vp_stage: Optional[int]):
     """Wrap the layer spec in a block spec so the final norm is ours on the local path."""
     if impl != "local":
         return layer_spec
@@ -57,7 +57,7 @@ def build_model_chunks(
             vp_stage = stage if layout.virtual_pipeline_model_parallel_size else None
             model = GPTModel(
                 config=config,
-                transformer_layer_spec=_block_spec(spec, config, impl, vp_stage),
+                transformer_layer_spec=block_spec(spec, config, impl, vp_stage),
                 vocab_size=arch.padded_vocab_size(layout.tensor_model_parallel_size),
                 max_sequence_length=arch.max_position_embeddings,
                 pre_process=parallel_state.is_pipeline_first_stage(
