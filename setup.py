@@ -41,6 +41,7 @@ setup(
             "lens-convert=lens_megatron.checkpoint.convert_cli:hf_to_megatron_main",
             "lens-export-hf=lens_megatron.checkpoint.convert_cli:megatron_to_hf_main",
             "lens-launch=lens_megatron.launch.slurm:main",
+            "lens-eval=lens_megatron.eval.cli:main",
         ],
     },
 )

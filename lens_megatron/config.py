@@ -218,7 +218,14 @@ def load_config(path: Optional[str | os.PathLike] = None,
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-        layers.append(OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        for override in overrides:
+            try:
+                layers.append(OmegaConf.from_dotlist([override.lstrip("+")]))
+            except Exception as exc:  # yaml parse errors of the value
+                raise ConfigError(
+                    f"override {override!r}: the value does not parse ({type(exc).__name__}); "
+                    "quote values with braces or colons, e.g. "
+                    "data.prompt_template='\"{problem} Answer:\"'") from exc
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:

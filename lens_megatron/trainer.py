@@ -31,6 +31,7 @@ from .checkpoint.training_state import (
 from .config import LensTrainConfig, to_yaml
 from .data.prompt_source import PromptSource
 from .metrics_log import MetricsLogger
+from .parallel.collectives import is_model_parallel_leader, share_from_model_parallel_leader
 from .rollout.base import RolloutBatch, SamplingConfig, concat_batches
 from .rollout.factory import build_engine
 from .scoring import RolloutScorer
@@ -78,7 +79,7 @@ class LensTrainer:
         self.engine = build_engine(cfg, self.actor, self.tokenizer)
         self.prompts = PromptSource(cfg.data, self.tokenizer, cfg.rollout.prompts_per_step,
                                     cfg.rollout.max_prompt_length)
-        self.scorer = RolloutScorer(cfg.reward) if self._is_mp_leader() else None
+        self.scorer = RolloutScorer(cfg.reward) if is_model_parallel_leader() else None
         self.guard = StallGuard(cfg.trainer.stall_steps)
         self.run_dir = os.path.join(cfg.exp_manager.exp_dir, cfg.exp_manager.name)
         self.ckpt_root = checkpoint_root(cfg.exp_manager.exp_dir, cfg.exp_manager.name)
@@ -87,10 +88,6 @@ class LensTrainer:
                        "reward_parse_failures": 0.0, "reward_errors": 0.0}
 
     # ---------------------------------------------------------------- topology
-    @staticmethod
-    def _is_mp_leader() -> bool:
-        return dist.get_rank(_ps().get_model_parallel_group()) == 0
-
     @property
     def dp_rank(self) -> int:
         return _ps().get_data_parallel_rank()
@@ -207,7 +204,7 @@ class LensTrainer:
         t0 = time.perf_counter()
         golds = [p.record.answer for p in mine for _ in range(cfg.rollout.group_size)]
         scored = self.scorer.score(local, golds) if self.scorer is not None else None
-        local_rewards, counts = self._mp_broadcast(scored)
+        local_rewards, counts = share_from_model_parallel_leader(scored)
         timings["time/reward_s"] = time.perf_counter() - t0
         parts = [(local, local_rewards, counts)]
         if self.dp_size > 1:
@@ -219,16 +216,6 @@ class LensTrainer:
         totals = {k: sum(p[2][k] for p in parts) for k in parts[0][2]}
         return batch, rewards, totals
 
-    @staticmethod
-    def _mp_broadcast(obj):
-        """Share the model-parallel leader's object with the rest of its group."""
-        group = _ps().get_model_parallel_group()
-        if dist.get_world_size(group) == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-        return box[0]
-
     def evaluate(self, records, samples: int, seed: int = 0):
         """pass@k of the current policy on ``records`` (every rank gets the result)."""
         from .eval.rollout_eval import evaluate_pass_at_k
@@ -237,7 +224,7 @@ class LensTrainer:
         return evaluate_pass_at_k(
             self.engine, self.scorer, lambda r: self.prompts.tokenize(r).token_ids, records,
             samples, temperature=cfg.temperature, top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens, seed=seed, mp_broadcast=self._mp_broadcast)
+            max_new_tokens=cfg.max_new_tokens, seed=seed, mp_broadcast=share_from_model_parallel_leader)
 
     def _rollout_weights(self, batch: RolloutBatch, old, mask):
         """Mismatch metrics always; per-token correction weights when configured."""

@@ -97,3 +97,10 @@ def test_example_configs_are_valid(name):
         assert cfg.rollout.prompts_per_step * cfg.rollout.group_size == 512
         assert cfg.rollout.max_new_tokens == 4096 and cfg.optim.updates_per_rollout == 4
         assert cfg.lens.negative_group_weight == 0.25 and cfg.loss.kl_coef == 0.0
+
+
+def test_override_values_with_braces_must_be_quoted():
+    with pytest.raises(ConfigError, match="quote values"):
+        load("data.prompt_template={problem} Answer:")
+    cfg = load('data.prompt_template="{problem} Answer:"')
+    assert cfg.data.prompt_template == "{problem} Answer:"
