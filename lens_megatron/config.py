@@ -35,7 +35,6 @@ class TrainerConfig:
     devices: int = 1  # processes (GPUs) per node
     max_steps: int = 20
     seed: int = 1234
-    log_every: int = 1
     save_every: int = 10  # 0 = only at the end / on preemption
     eval_every: int = 0  # 0 = never; evaluates pass@k on data.eval_path
     stall_steps: int = 0  # stop after K consecutive steps without gradient signal; 0 = off
@@ -300,6 +299,9 @@ def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> Non
         _check(getattr(a, key) >= 1, f"model.arch.{key}", "must be >= 1")
     _check(tp >= 1 and pp >= 1 and cp >= 1, "model.tensor_model_parallel_size",
            "tensor/pipeline/context parallel sizes must be >= 1")
+    _check(a.family != "qwen2" or a.qkv_bias, "model.arch.qkv_bias",
+           "Qwen2 models always have q/k/v biases (HF and vLLM build them); leave it unset "
+           "or true for family qwen2, or use family llama for a bias-free model")
     _check(a.num_attention_heads % a.num_query_groups == 0, "model.arch.num_query_groups",
            f"num_attention_heads ({a.num_attention_heads}) must be a multiple of "
            f"num_query_groups ({a.num_query_groups})")

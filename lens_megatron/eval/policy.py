@@ -27,7 +27,7 @@ class EvalPolicy:
     def _build_engine(self, checkpoint, hf_dir, scratch):
         cfg = self.cfg
         if cfg.rollout.engine == "vllm":
-            from ..rollout.vllm_engine import build_vllm_engine_for_eval
+            from ..rollout.vllm_setup import build_vllm_engine_for_eval
 
             if not hf_dir:
                 raise ValueError("rollout.engine=vllm evaluates an HF directory: pass --hf-dir "

@@ -42,7 +42,7 @@ class ModelArch:
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None
     rms_norm_eps: float = 1e-6
-    qkv_bias: bool = False
+    qkv_bias: Optional[bool] = None  # default: True for qwen2 (always biased), False for llama
     tie_word_embeddings: bool = False
     make_vocab_size_divisible_by: int = 128
     init_std: float = 0.02
@@ -52,6 +52,8 @@ class ModelArch:
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.kv_channels is None:
             self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.qkv_bias is None:
+            self.qkv_bias = self.family == "qwen2"
 
     @property
     def head_dim(self) -> int:

