@@ -88,15 +88,6 @@ class LensTrainer:
         self.totals = {"negative_groups_with_gradient": 0.0, "reward_timeouts": 0.0,
                        "reward_parse_failures": 0.0, "reward_errors": 0.0}
 
-    # ---------------------------------------------------------------- topology
-    @property
-    def dp_rank(self) -> int:
-        return _ps().get_data_parallel_rank()
-
-    @property
-    def dp_size(self) -> int:
-        return _ps().get_data_parallel_world_size()
-
     # ---------------------------------------------------------------- run
     def run(self, stop_requested=None) -> dict:
         """Train until ``trainer.max_steps``; returns the last step's metrics."""
@@ -198,8 +189,8 @@ class LensTrainer:
         layout = getattr(self.engine, "layout", None)
         if layout is not None:
             return layout.shard(n), layout.replica_index, layout.tp_rank == 0
-        per_rank = n // self.dp_size
-        return (slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank), self.dp_rank,
+        dp_rank, per_rank = self.actor.dp_rank, n // self.actor.dp_size
+        return (slice(dp_rank * per_rank, (dp_rank + 1) * per_rank), dp_rank,
                 is_model_parallel_leader())
 
     def _rollout_and_score(self, prompts, timings):

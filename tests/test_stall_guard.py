@@ -7,7 +7,7 @@ import os
 import pytest
 
 from lens_megatron.parallel.spawn import run_in_processes
-from trainer_helpers import init_for, tiny_config
+from trainer_helpers import force_boxed_answers, init_for, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -20,15 +20,8 @@ def guard_worker(tmp_dir, estimator, judge):
                       "trainer.max_steps=3", f"reward.judge={judge}")
     init_for(cfg)
     trainer = LensTrainer(cfg)
-    if judge.endswith("always_correct_judge"):  # every response gets a boxed answer
-        original = trainer.engine.generate
-
-        def boxed(prompts, sampling):
-            batch = original(prompts, sampling)
-            batch.response_texts = ["\\boxed{1}"] * batch.num_sequences
-            return batch
-
-        trainer.engine.generate = boxed
+    if judge.endswith("always_correct_judge"):
+        force_boxed_answers(trainer)
     message = None
     try:
         metrics = trainer.run()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lens_megatron.parallel.spawn import run_in_processes
-from trainer_helpers import full_weights, init_for, tiny_config
+from trainer_helpers import force_boxed_answers, full_weights, init_for, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -208,15 +208,7 @@ def hanging_verifier_worker(tmp_dir):
                       "rollout.prompts_per_step=1", "rollout.group_size=2")
     init_for(cfg)
     trainer = LensTrainer(cfg)
-    # Force a boxed answer so the judge is actually called on every sample.
-    original = trainer.engine.generate
-
-    def boxed(prompts, sampling):
-        batch = original(prompts, sampling)
-        batch.response_texts = ["\\boxed{1}"] * batch.num_sequences
-        return batch
-
-    trainer.engine.generate = boxed
+    force_boxed_answers(trainer)  # so the (hanging) judge is called on every sample
     start = time.perf_counter()
     metrics = trainer.train_step()
     elapsed = time.perf_counter() - start

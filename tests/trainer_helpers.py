@@ -64,3 +64,15 @@ def hanging_judge(predicted: str, gold: str) -> bool:
 def always_correct_judge(predicted: str, gold: str) -> bool:
     """Every boxed answer is right: a synthetic all-positive data set for the stall guard."""
     return True
+
+
+def force_boxed_answers(trainer, text: str = "\\boxed{1}") -> None:
+    """Make every generated response read ``text`` so the judge is called on each sample."""
+    original = trainer.engine.generate
+
+    def boxed(prompts, sampling):
+        batch = original(prompts, sampling)
+        batch.response_texts = [text] * batch.num_sequences
+        return batch
+
+    trainer.engine.generate = boxed
