@@ -41,6 +41,9 @@ class TrainerConfig:
     backend: str = "auto"  # auto | nccl | gloo
     timeout_minutes: int = 30
     progress_bar: bool = True
+    # After the update, re-score the step's own samples (one extra forward pass) and log how
+    # the mean token log-prob moved, per group kind: the direct effect of the step.
+    measure_update_effect: bool = False
 
 
 @dataclass

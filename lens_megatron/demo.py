@@ -31,9 +31,10 @@ ESTIMATORS = ("grpo", "lens")
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="lens-demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo_out", help="output directory")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")],
+                   default=[1, 2], help="comma-separated RL seeds per estimator (default 1,2)")
     p.add_argument("--rl-steps", type=int, default=None, help="override trainer.max_steps")
-    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--sft-steps", type=int, default=1000)
     p.add_argument("--sft-lr", type=float, default=2e-3)
     p.add_argument("--eval-problems", type=int, default=100)
     p.add_argument("--eval-samples", type=int, default=8)

@@ -84,6 +84,12 @@ class MetricsLogger:
 _SUMMARY = ("reward/mean", "groups/negative_ratio", "loss", "time/step_s")
 
 
+_NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
 def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl (non-finite values, stored as strings, restored)."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
+            for row in rows]

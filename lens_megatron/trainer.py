@@ -56,11 +56,14 @@ def step_seed(base: int, step: int) -> int:
 
 
 def _confidence_by_group_kind(diag) -> dict[str, float]:
-    """Mean confidence p̄ of wrong answers in negative groups and in mixed groups."""
+    """Mean confidence p̄ of wrong answers in negative and in mixed groups, and the mean over
+    negative groups of their most confident wrong answer's p̄."""
     from .algorithms.advantages import GROUP_MIXED, GROUP_NEGATIVE
 
     conf, wrong = diag.confidence, diag.rewards < 1.0
-    out = {}
+    negative = diag.group_kind == GROUP_NEGATIVE
+    out = {"confidence/max_wrong_in_negative_groups":
+           float(conf.max(1).values[negative].mean()) if bool(negative.any()) else float("nan")}
     for name, kind in (("negative", GROUP_NEGATIVE), ("mixed", GROUP_MIXED)):
         chosen = (diag.group_kind == kind).unsqueeze(1) & wrong
         out[f"confidence/wrong_in_{name}_groups"] = (
@@ -173,12 +176,36 @@ class LensTrainer:
         train_tokens = tokens if keep is None else dataclasses.replace(
             tokens, target_mask=tokens.target_mask & keep.unsqueeze(1))
         train_metrics = self._updates(train_tokens, old, advantages, weights, ref, timings)
+        if cfg.trainer.measure_update_effect:
+            train_metrics.update(self._update_effect(tokens, old, diag))
         t0 = time.perf_counter()
         timings.update({f"time/{k}": v for k, v in self.engine.sync_weights().items()})
         timings["time/weight_sync_s"] = time.perf_counter() - t0
         timings["time/step_s"] = time.perf_counter() - start
         return self._step_metrics(batch, rewards, reward_counts, advantages, diag, mismatch,
                                   train_metrics, timings)
+
+    def _update_effect(self, tokens, old, diag) -> dict[str, float]:
+        """How this step's own update moved the per-token log-prob (log p̄) of its samples:
+        in negative groups for the most and the least confident wrong answer of each group
+        (LENS pushes the former down and, its advantages being zero-mean, the latter up),
+        and in mixed groups for wrong and right answers."""
+        from .algorithms.advantages import GROUP_MIXED, GROUP_NEGATIVE
+
+        new = self.actor.compute_logprobs(tokens)["token_logprobs"]
+        mask = tokens.target_mask
+        delta = ((new - old) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        delta = delta.view(diag.rewards.shape).double()
+        negative = diag.group_kind == GROUP_NEGATIVE
+        rows = torch.arange(delta.shape[0])
+        most = delta[rows, diag.confidence.argmax(1)][negative]
+        least = delta[rows, diag.confidence.argmin(1)][negative]
+        wrong, mixed = diag.rewards < 1.0, (diag.group_kind == GROUP_MIXED).unsqueeze(1)
+        parts = {"negative_groups_most_confident": most, "negative_groups_least_confident": least,
+                 "mixed_groups_wrong": delta[mixed & wrong],
+                 "mixed_groups_correct": delta[mixed & ~wrong]}
+        return {f"update_effect/{k}": float(v.mean()) if v.numel() else float("nan")
+                for k, v in parts.items()}
 
     def _prompt_shard(self, n: int) -> tuple[slice, int, bool]:
         """(this rank's prompts, shard id, does this rank score/publish the shard).

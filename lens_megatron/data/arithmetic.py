@@ -50,9 +50,14 @@ def arithmetic_records(count: int, seed: int) -> list[PromptRecord]:
     return records
 
 
-def split_train_eval(records: list[PromptRecord], eval_count: int):
-    """Held-out problems are the last ``eval_count`` (never trained on)."""
-    return records[:-eval_count], records[-eval_count:]
+def split_train_eval(records: list[PromptRecord], eval_count: int, seed: int = 0):
+    """A random held-out subset of ``eval_count`` problems (never trained on), drawn so it
+    has the training distribution (the generator's late draws are skewed to hard items)."""
+    order = list(range(len(records)))
+    random.Random(seed + 1).shuffle(order)
+    held = set(order[:eval_count])
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [records[i] for i in sorted(held)]
 
 
 def solution_text(record: PromptRecord) -> str:

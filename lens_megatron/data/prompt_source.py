@@ -27,7 +27,7 @@ def _records(data_cfg) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """(train, eval) records for the configured task."""
     if data_cfg.task == "arithmetic":
         records = arithmetic_records(ARITHMETIC_PROBLEMS + ARITHMETIC_HELD_OUT, data_cfg.shuffle_seed)
-        return split_train_eval(records, ARITHMETIC_HELD_OUT)
+        return split_train_eval(records, ARITHMETIC_HELD_OUT, data_cfg.shuffle_seed)
     train = load_prompt_records(data_cfg.train_path, problem_key=data_cfg.problem_key,
                                 answer_key=data_cfg.answer_key, max_records=data_cfg.max_samples)
     evaluation = []
