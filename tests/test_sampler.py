@@ -89,3 +89,38 @@ def test_gumbel_max_draws_follow_the_distribution():
     freq = torch.bincount(draws, minlength=4).float() / 20000
     sigma = (probs * (1 - probs) / 20000).sqrt()
     assert bool(((freq - probs).abs() < 3 * sigma + 1e-3).all()), freq
+
+
+def lean_vs_megatron_worker(family):
+    """The lean decoder's next-token logits equal megatron's full forward at every step of a
+    left-padded batch of different prompt lengths."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from lens_megatron.parallel import cpu_mode
+    from lens_megatron.rollout.lean_decoder import LeanDecoder
+
+    arch, chunks = setup_model(1, 1, None, tiny_arch(family, init_std=0.5))
+    decoder = LeanDecoder(chunks, arch, eps=arch.rms_norm_eps)
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    ids = torch.zeros((len(PROMPTS), int(lengths.max())), dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        ids[i, ids.shape[1] - len(p):] = torch.tensor(p)
+    continuation = torch.tensor([[11, 12, 13], [21, 22, 23], [31, 32, 33]])
+    got = [decoder.prefill(ids, lengths, 4)] + [decoder.step(continuation[:, t]) for t in range(3)]
+    worst = 0.0
+    for row, prompt in enumerate(PROMPTS):
+        full = torch.tensor([prompt + continuation[row].tolist()])
+        positions = torch.arange(full.shape[1]).unsqueeze(0)
+        with cpu_mode.cuda_to_cpu(), torch.no_grad():
+            logits = gather_from_tensor_model_parallel_region(chunks[0](full, positions, None))
+        for t in range(4):
+            expected = logits[0, len(prompt) - 1 + t, : arch.vocab_size]
+            worst = max(worst, (got[t][row] - expected).abs().max().item())
+    return worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_lean_decoder_matches_megatron_forward(family):
+    worst = run_in_processes(lean_vs_megatron_worker, 1, (family,))[0]
+    assert worst < 1e-4, worst

@@ -49,7 +49,7 @@ class EvalPolicy:
             pad_id=self.tokenizer.pad_id, hidden_size=m.arch.hidden_size,
             dtype=m.precision_config().torch_dtype, kv_cache=cfg.rollout.kv_cache,
             sequence_parallel=m.sequence_parallel, tp_size=m.tensor_model_parallel_size,
-            decode=self.tokenizer.decode)
+            decode=self.tokenizer.decode, arch=m.arch)
 
     @staticmethod
     def _convert(hf_dir: str, scratch: str) -> str:

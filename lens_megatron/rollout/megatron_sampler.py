@@ -1,11 +1,13 @@
 """Native sampler on the Megatron actor: temperature / top-k / top-p, EOS, batched, any
 TP/PP/VPP layout, with or without a KV cache.
 
-KV-cache mode: megatron's ``StaticInferenceContext`` holds keys/values per layer; its RoPE
-positions are cache slots shared by the whole batch, so sequences in one cached batch must
-have equal prompt lengths (otherwise a left-padded prompt would be generated at shifted
-positions, and the sampler's log-probs would disagree with the trainer's). We therefore
-bucket the batch by prompt length — exact, and free for the G samples of one prompt.
+KV-cache mode at TP = PP = 1: the lean decoder (``lean_decoder.py``) over the actor's own
+parameters, one left-padded batch with per-row positions. At TP or PP > 1: megatron's
+``StaticInferenceContext`` holds keys/values per layer; its RoPE positions are cache slots
+shared by the whole batch, so sequences in one cached batch must have equal prompt lengths
+(otherwise a left-padded prompt would be generated at shifted positions, and the sampler's
+log-probs would disagree with the trainer's). We therefore bucket the batch by prompt length —
+exact, and free for the G samples of one prompt.
 Recompute mode (``kv_cache=False``, and always under sequence parallelism, where a single
 decode token cannot be split over TP ranks) re-runs the right-padded sequences each step.
 
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from ..algorithms.rollout_correction import sampling_distribution
 from ..parallel import cpu_mode
 from .base import RolloutBatch, SamplingConfig, assemble_batch
+from .lean_decoder import LeanDecoder
 from .pipeline_forward import forward_logits
 
 
@@ -37,7 +40,9 @@ class MegatronSampler:
     def __init__(self, chunks: list, vocab_size: int, eos_id: int, pad_id: int,
                  hidden_size: int, dtype: torch.dtype, kv_cache: bool = True,
                  sequence_parallel: bool = False, tp_size: int = 1,
-                 decode=None) -> None:
+                 decode=None, arch=None) -> None:
+        from megatron.core import parallel_state
+
         self.chunks = chunks
         self.vocab_size = vocab_size
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -45,6 +50,10 @@ class MegatronSampler:
         self.kv_cache = kv_cache and not sequence_parallel
         self.pad_multiple = tp_size if sequence_parallel else 1
         self.decode = decode  # optional ids -> text, for RolloutBatch.response_texts
+        single = tp_size == 1 and parallel_state.get_pipeline_model_parallel_world_size() == 1
+        self.lean = None
+        if self.kv_cache and single and arch is not None:
+            self.lean = LeanDecoder(chunks, arch, eps=arch.rms_norm_eps)
 
     # The actor's weights are the sampler's weights: nothing to sync or offload.
     def sync_weights(self) -> dict[str, float]:
@@ -83,7 +92,7 @@ class MegatronSampler:
         return batch
 
     def _buckets(self, sequences: list[list[int]]) -> list[list[int]]:
-        if not self.kv_cache:
+        if not self.kv_cache or self.lean is not None:  # one (left- or right-padded) batch
             return [list(range(len(sequences)))]
         by_length: dict[int, list[int]] = {}
         for i, seq in enumerate(sequences):
@@ -92,27 +101,55 @@ class MegatronSampler:
 
     def _generate_bucket(self, prompts, row_ids: torch.Tensor, sampling: SamplingConfig):
         batch = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts])
-        width = int(lengths.max()) + sampling.max_new_tokens
-        tokens = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p)
+        next_logits = (self._lean_logits if self.lean is not None else self._megatron_logits)(
+            prompts, sampling.max_new_tokens)
         done = torch.zeros(batch, dtype=torch.bool)
         out_tokens = torch.full((batch, sampling.max_new_tokens), self.pad_id, dtype=torch.long)
         out_logprobs = torch.zeros((batch, sampling.max_new_tokens))
-        context = self._new_context(batch, width) if self.kv_cache else None
+        new = None
         for step in range(sampling.max_new_tokens):
-            logits = self._next_token_logits(tokens, lengths + step, step, context)
+            logits = next_logits(step, new)
             new, new_lp = self._sample_and_share(logits, sampling, row_ids, step)
             new = torch.where(done, torch.full_like(new, self.pad_id), new)
             out_tokens[:, step] = new
             out_logprobs[:, step] = torch.where(done, 0.0, new_lp)
-            tokens[torch.arange(batch), lengths + step] = new
             if not sampling.ignore_eos:
                 done |= new == self.eos_id
             if bool(done.all()):
                 break
         return self._trim(out_tokens, out_logprobs, sampling.ignore_eos)
+
+    def _lean_logits(self, prompts, max_new_tokens: int):
+        """Left-padded batch on the lean decoder (TP = PP = 1)."""
+        lengths = torch.tensor([len(p) for p in prompts])
+        ids = torch.full((len(prompts), int(lengths.max())), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, ids.shape[1] - len(p):] = torch.tensor(p)
+
+        def next_logits(step: int, new):
+            if step == 0:
+                return self.lean.prefill(ids, lengths, max_new_tokens)
+            return self.lean.step(new)
+
+        return next_logits
+
+    def _megatron_logits(self, prompts, max_new_tokens: int):
+        """Right-padded batch through megatron's modules (any TP/PP/VPP layout)."""
+        batch = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts])
+        width = int(lengths.max()) + max_new_tokens
+        tokens = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        context = self._new_context(batch, width) if self.kv_cache else None
+        rows = torch.arange(batch)
+
+        def next_logits(step: int, new):
+            if step > 0:
+                tokens[rows, lengths + step - 1] = new
+            return self._next_token_logits(tokens, lengths + step, step, context)
+
+        return next_logits
 
     def _trim(self, out_tokens, out_logprobs, ignore_eos: bool = False):
         toks, lps = [], []
