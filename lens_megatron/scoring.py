@@ -15,6 +15,10 @@ class RolloutScorer:
         self.reward = MathVerifyReward(timeout_s=reward_cfg.timeout_s,
                                        num_workers=reward_cfg.num_workers,
                                        judge=reward_cfg.judge)
+        # Warm up now: the workers' imports (sympy, antlr: seconds of CPU each) then happen
+        # before training, not during the first steps. Its counts do not enter any metric.
+        self.reward(["\\boxed{1}"] * max(1, reward_cfg.num_workers),
+                    ["1"] * max(1, reward_cfg.num_workers))
 
     def score(self, batch: RolloutBatch, gold_answers: list[str]):
         """(rewards [N] float32, counters dict) for the batch's decoded responses."""

@@ -107,8 +107,8 @@ def save_training_checkpoint(root: str, step: int, training, trainer_state: dict
     with cpu_mode.cuda_to_cpu():
         dist_checkpointing.save(_sharded_state_dict(training, is_loading=False), tmp)
     if _rank0():
-        state = dict(trainer_state, step=step,
-                     scheduler=training.scheduler.state_dict())
+        state = dict(trainer_state, step=step, scheduler=training.scheduler.state_dict(),
+                     optimizer_format=_optimizer_format(training))
         with open(os.path.join(tmp, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(state, f)
         if arch is not None:
@@ -157,17 +157,28 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return path
 
 
+def _optimizer_format(training) -> str:
+    return "distributed" if training.distributed_optimizer else "plain"
+
+
 def load_training_checkpoint(path: str, training) -> dict[str, Any]:
     """Collective: restore model, optimizer and schedule; return the trainer state."""
     from megatron.core import dist_checkpointing
 
+    with open(os.path.join(path, TRAINER_STATE_FILE), encoding="utf-8") as f:
+        trainer_state = json.load(f)
+    saved_format = trainer_state.pop("optimizer_format", _optimizer_format(training))
+    if saved_format != _optimizer_format(training):
+        raise RuntimeError(
+            f"{path} holds {saved_format} optimizer state but this run uses the "
+            f"{_optimizer_format(training)} optimizer (the distributed optimizer is active only "
+            "with data-parallel size > 1): resume with the same kind of layout, or start "
+            "the new layout from the model weights alone (model.load=<checkpoint>)")
     with cpu_mode.cuda_to_cpu(), torch.no_grad():
         state = dist_checkpointing.load(_sharded_state_dict(training, is_loading=True), path)
         for index, chunk in enumerate(training.chunks):
             unwrap_model(chunk).load_state_dict(state["model"][f"chunk{index}"])
         training.optimizer.load_state_dict(state["optimizer"])
         _unshare_adam_step_counters(training.optimizer)
-    with open(os.path.join(path, TRAINER_STATE_FILE), encoding="utf-8") as f:
-        trainer_state = json.load(f)
     training.scheduler.load_state_dict(trainer_state.pop("scheduler"))
     return trainer_state
