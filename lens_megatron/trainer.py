@@ -264,8 +264,9 @@ class LensTrainer:
         """Engine↔trainer mismatch: metrics always; per-token correction weights when
         ``loss.rollout_correction`` is set; a keep-mask over sequences when
         ``rollout.mismatch_mask_threshold`` is (masked sequences leave the loss, counted)."""
-        sampled = torch.zeros_like(old)
-        sampled[:, :-1] = batch.sampling_logprobs[:, 1:]
+        sampled = torch.zeros_like(old)  # token coordinates (old may be padded wider)
+        width = batch.sampling_logprobs.shape[1]
+        sampled[:, : width - 1] = batch.sampling_logprobs[:, 1:]
         correction = self.cfg.loss.correction_config()
         weights, metrics = rollout_correction_weights(old, sampled, mask, correction)
         out = {f"rollout_correction/{k}": float(v) for k, v in metrics.items()}

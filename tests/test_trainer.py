@@ -15,10 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 # ----------------------------------------------------------------------------- layouts
-def one_step_worker(tmp_dir, tp, pp, vpp, devices):
+def one_step_worker(tmp_dir, tp, pp, vpp, devices, sequence_parallel=False):
     from lens_megatron.trainer import LensTrainer
 
-    extra = [f"model.tensor_model_parallel_size={tp}", f"model.pipeline_model_parallel_size={pp}"]
+    extra = [f"model.tensor_model_parallel_size={tp}", f"model.pipeline_model_parallel_size={pp}",
+             f"model.sequence_parallel={str(sequence_parallel).lower()}"]
     if vpp:
         extra.append(f"model.virtual_pipeline_model_parallel_size={vpp}")
     # adam_eps=1 makes the update ≈ lr·grad: Adam with a tiny eps turns float-rounding noise in
@@ -50,12 +51,17 @@ def one_step_worker(tmp_dir, tp, pp, vpp, devices):
 def test_one_trainer_step_identical_across_layouts(tmp_path):
     ref = run_in_processes(one_step_worker, 1, (str(tmp_path / "ref"), 1, 1, None, 1))[0]
     assert ref["grad_norm"] > 0
-    for tp, pp, vpp in [(2, 1, None), (1, 2, None), (1, 2, 2)]:
+    for tp, pp, vpp, sp in [(2, 1, None, False), (2, 1, None, True), (1, 2, None, False),
+                            (1, 2, 2, False)]:
         got = [r for r in run_in_processes(
-            one_step_worker, tp * pp, (str(tmp_path / f"l{tp}{pp}{vpp}"), tp, pp, vpp, tp * pp))
+            one_step_worker, tp * pp,
+            (str(tmp_path / f"l{tp}{pp}{vpp}{sp}"), tp, pp, vpp, tp * pp, sp))
             if r is not None][0]
-        label = f"TP={tp} PP={pp} VPP={vpp}"
-        torch.testing.assert_close(got["old"], ref["old"], rtol=1e-5, atol=1e-5, msg=label)
+        label = f"TP={tp} PP={pp} VPP={vpp} SP={sp}"
+        width = ref["old"].shape[1]  # sequence parallelism pads the width to a multiple of TP
+        assert bool((got["old"][:, width:] == 0).all()), label
+        torch.testing.assert_close(got["old"][:, :width], ref["old"], rtol=1e-5, atol=1e-5,
+                                   msg=label)
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-7), label
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), label
         for name, value in ref["weights"].items():
@@ -246,3 +252,25 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path):
     path.write_text("\n".join(rows) + "\n")
     n, samples = run_in_processes(malformed_data_worker, 1, (str(tmp_path / "run"), str(path)))[0]
     assert n == 3 and samples == 8.0
+
+
+def off_policy_worker(tmp_dir):
+    from lens_megatron.trainer import LensTrainer
+
+    cfg = tiny_config(tmp_dir, "optim.updates_per_rollout=2", "model.micro_batch_size=2",
+                      "lens.estimator=lens")
+    init_for(cfg)
+    trainer = LensTrainer(cfg)
+    steps_before = trainer.actor.training.scheduler.num_steps
+    metrics = trainer.train_step()
+    steps_after = trainer.actor.training.scheduler.num_steps
+    trainer.close()
+    return steps_after - steps_before, metrics
+
+
+def test_several_off_policy_updates_per_rollout(tmp_path):
+    """updates_per_rollout=2: two optimizer steps on halves of one rollout batch; the second
+    is off-policy (its ratio is no longer 1)."""
+    optimizer_steps, metrics = run_in_processes(off_policy_worker, 1, (str(tmp_path),))[0]
+    assert optimizer_steps == 2
+    assert metrics["train/ratio_max"] > 1.0 or metrics["train/approx_kl"] > 0.0
