@@ -83,9 +83,15 @@ def print_report(results: dict) -> None:
             if not (math.isnan(a) or math.isnan(b))]
         cells.append(f"{est}: {statistics.mean(diffs):+.2e}" if diffs else f"{est}: n/a")
     print(f"  {'most − least confident (negative groups)':<46} " + "   ".join(cells))
-    print("  (LENS gives the most confident mistake of a negative group the most negative "
-          "advantage: its\n   difference should be below GRPO's, whose negative groups get "
-          "no gradient of their own)")
+    cells = []
+    for est, runs in groups.items():
+        values = [v for r in runs for v in _series(r["curve"], "groups/mean_abs_advantage_negative")
+                  if not math.isnan(v)]
+        cells.append(f"{est}: {statistics.mean(values):.2e}" if values else f"{est}: n/a")
+    print(f"  {'mean |advantage| in negative groups':<46} " + "   ".join(cells))
+    print("  (LENS's negative-group advantages are α·(r̃ − mean r̃): when the wrong answers of a "
+          "group have\n   similar confidence they are small, and a step's direct effect can be "
+          "within noise; compare seeds)")
     print(f"\nwall time {results['seconds']:.0f} s. Differences in pass@k smaller than the spread "
           "over seeds are noise at this scale; the mechanism rows are what this demo can show.")
 
