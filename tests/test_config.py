@@ -104,3 +104,23 @@ def test_override_values_with_braces_must_be_quoted():
         load("data.prompt_template={problem} Answer:")
     cfg = load('data.prompt_template="{problem} Answer:"')
     assert cfg.data.prompt_template == "{problem} Answer:"
+
+
+def _config_keys(cls, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
+        if dataclasses.is_dataclass(default):
+            yield from _config_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+def test_readme_documents_every_config_key():
+    from lens_megatron.config import LensTrainConfig
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    missing = [k for k in _config_keys(LensTrainConfig) if f"`{k}`" not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}"
