@@ -56,14 +56,10 @@ def load_and_check(config: Optional[str], overrides: Sequence[str]):
 
 def run_training(cfg, stop_requested=None) -> bool:
     """Initialise process groups, train, tear down. True when trainer.max_steps was reached."""
-    from .parallel.initialize import destroy_parallel, init_process_group, initialize_model_parallel
+    from .parallel.initialize import destroy_parallel, initialize_from_config
     from .trainer import LensTrainer
 
-    init_process_group(cfg.trainer.backend, cfg.trainer.timeout_minutes)
-    m = cfg.model
-    initialize_model_parallel(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
-                              m.virtual_pipeline_model_parallel_size, m.context_parallel_size,
-                              seed=cfg.trainer.seed, timeout_minutes=cfg.trainer.timeout_minutes)
+    initialize_from_config(cfg)
     trainer = LensTrainer(cfg)
     try:
         trainer.run(stop_requested=stop_requested)

@@ -78,7 +78,7 @@ def restore(actor, weights: list[dict]) -> None:
 
 
 def run(args) -> dict:
-    from .parallel.initialize import destroy_parallel, init_process_group, initialize_model_parallel
+    from .parallel.initialize import destroy_parallel, initialize_from_config
     from .trainer import LensTrainer
 
     os.makedirs(args.out, exist_ok=True)
@@ -86,8 +86,7 @@ def run(args) -> dict:
                                       "exp_manager.resume=never", *args.overrides])
     if args.rl_steps is not None:
         base = replace(base, trainer={"max_steps": args.rl_steps})
-    init_process_group("gloo")
-    initialize_model_parallel(1, 1, seed=base.trainer.seed)
+    initialize_from_config(base)
     log = lambda text: print(text, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     sft_cfg = replace(base, exp_manager={"name": "warm_start"},

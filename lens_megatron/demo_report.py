@@ -96,12 +96,14 @@ def print_report(results: dict) -> None:
           "over seeds are noise at this scale; the mechanism rows are what this demo can show.")
 
 
+def _gradient_share_series(curve: list[dict]) -> list[float]:
+    """Per step, the share of groups whose advantages are not all zero."""
+    return [1.0 - sum(row.get(f"signal/zero_advantage_{k}_fraction", 0.0)
+                      for k in ("positive", "negative", "other")) for row in curve]
+
+
 def _gradient_share(curve: list[dict]) -> tuple[float, float]:
-    shares = []
-    for row in curve:
-        zero = sum(row.get(f"signal/zero_advantage_{k}_fraction", 0.0)
-                   for k in ("positive", "negative", "other"))
-        shares.append(1.0 - zero)
+    shares = _gradient_share_series(curve)
     quarter = max(1, len(shares) // 4)
     return statistics.mean(shares[:quarter]), statistics.mean(shares[-quarter:])
 
@@ -122,11 +124,7 @@ def write_plot(results: dict, path: str) -> str:
         for run in results["runs"].values():
             curve = run["curve"]
             steps = [row["step"] for row in curve]
-            if key is None:
-                values = [1.0 - sum(row.get(f"signal/zero_advantage_{k}_fraction", 0.0)
-                                    for k in ("positive", "negative", "other")) for row in curve]
-            else:
-                values = _series(curve, key)
+            values = _gradient_share_series(curve) if key is None else _series(curve, key)
             ax.plot(steps, values, color=colors.get(run["estimator"], "gray"), alpha=0.8,
                     label=f"{run['estimator']} s{run['seed']}")
         ax.set_title(title, fontsize=10)

@@ -31,7 +31,7 @@ from .checkpoint.training_state import (
 from .config import LensTrainConfig, to_yaml
 from .data.prompt_source import PromptSource
 from .metrics_log import MetricsLogger
-from .parallel.collectives import is_model_parallel_leader, share_from_model_parallel_leader
+from .parallel.collectives import is_model_parallel_leader
 from .rollout.base import RolloutBatch, SamplingConfig, concat_batches
 from .rollout.factory import build_engine
 from .rollout.mismatch import logprob_mismatch
@@ -43,12 +43,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingStalled(RuntimeError):
     """``trainer.stall_steps`` consecutive steps gave no gradient signal."""
-
-
-def _ps():
-    from megatron.core import parallel_state
-
-    return parallel_state
 
 
 def step_seed(base: int, step: int) -> int:
@@ -254,11 +248,9 @@ class LensTrainer:
         """pass@k of the current policy on ``records`` (every rank gets the result)."""
         from .eval.rollout_eval import evaluate_pass_at_k
 
-        cfg = self.cfg.rollout
-        return evaluate_pass_at_k(
-            self.engine, self.scorer, lambda r: self.prompts.tokenize(r).token_ids, records,
-            samples, temperature=cfg.temperature, top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens, seed=seed, mp_broadcast=share_from_model_parallel_leader)
+        return evaluate_pass_at_k(self.engine, self.scorer,
+                                  lambda r: self.prompts.tokenize(r).token_ids, records, samples,
+                                  self.cfg.rollout, seed=seed)
 
     def _rollout_weights(self, batch: RolloutBatch, old, mask):
         """Engine↔trainer mismatch: metrics always; per-token correction weights when

@@ -12,15 +12,15 @@ from megatron_helpers import setup_model, tiny_arch
 PROMPTS = [[1, 5, 6, 7], [1, 9, 9], [1, 3, 4, 5, 6, 7, 8]]
 
 
-def generate_worker(tp, pp, vpp, kv_cache, sequence_parallel=False, top_k=-1, top_p=1.0):
+def generate_worker(tp, pp, vpp, kv_cache, sequence_parallel=False, top_k=-1, top_p=1.0,
+                    lean=True):
     from lens_megatron.rollout.base import SamplingConfig
     from lens_megatron.rollout.megatron_sampler import MegatronSampler
 
     arch, chunks = setup_model(tp, pp, vpp, tiny_arch(init_std=0.5),
                                sequence_parallel=sequence_parallel)
-    sampler = MegatronSampler(chunks, arch.vocab_size, eos_id=2, pad_id=0,
-                              hidden_size=arch.hidden_size, dtype=torch.float32,
-                              kv_cache=kv_cache, sequence_parallel=sequence_parallel, tp_size=tp)
+    sampler = MegatronSampler(chunks, arch, eos_id=2, pad_id=0, kv_cache=kv_cache,
+                              sequence_parallel=sequence_parallel, tp_size=tp, lean=lean)
     batch = sampler.generate(PROMPTS, SamplingConfig(group_size=2, max_new_tokens=10, seed=3,
                                                      top_k=top_k, top_p=top_p))
     batch.validate()
@@ -31,8 +31,10 @@ def generate_worker(tp, pp, vpp, kv_cache, sequence_parallel=False, top_k=-1, to
 def test_every_layout_and_cache_mode_samples_the_same_tokens():
     ref = run_in_processes(generate_worker, 1, (1, 1, None, False))[0]
     assert ref.num_sequences == 6 and bool((ref.response_lengths > 0).all())
-    cases = [(1, 1, None, True), (2, 1, None, True), (1, 2, None, True), (1, 2, 2, True),
-             (2, 1, None, False, True)]
+    # (tp, pp, vpp, kv_cache, sequence_parallel, top_k, top_p, lean): TP=1 with the cache
+    # runs both the lean decoder and megatron's modules.
+    cases = [(1, 1, None, True), (1, 1, None, True, False, -1, 1.0, False), (2, 1, None, True),
+             (1, 2, None, True), (1, 2, 2, True), (2, 1, None, False, True)]
     for case in cases:
         for got in run_in_processes(generate_worker, case[0] * case[1], case):
             assert torch.equal(got.input_ids, ref.input_ids), case

@@ -35,13 +35,11 @@ def tiny_config(tmp_dir: str, *overrides: str, devices: int = 1) -> LensTrainCon
 
 
 def init_for(cfg: LensTrainConfig) -> None:
-    """Inside a spawned rank: Megatron groups for cfg's layout."""
+    """Inside a spawned rank (gloo group already up): Megatron groups for cfg's layout."""
     warnings.filterwarnings("ignore")
-    from lens_megatron.parallel.initialize import initialize_model_parallel
+    from lens_megatron.parallel.initialize import initialize_from_config
 
-    m = cfg.model
-    initialize_model_parallel(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
-                              m.virtual_pipeline_model_parallel_size, seed=cfg.trainer.seed)
+    initialize_from_config(cfg)
 
 
 def full_weights(trainer) -> dict[str, torch.Tensor]:

@@ -173,7 +173,7 @@ def print_table(result: dict) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..cli import _quiet_third_party, load_and_check
     from ..config import ConfigError, replace
-    from ..parallel.initialize import destroy_parallel, init_process_group, initialize_model_parallel
+    from ..parallel.initialize import destroy_parallel, initialize_from_config
 
     args = parse_args(argv)
     _quiet_third_party()
@@ -185,10 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"lens-bench: configuration error: {exc}", file=sys.stderr)
         return 2
-    init_process_group(cfg.trainer.backend)
+    initialize_from_config(cfg)
     m = cfg.model
-    initialize_model_parallel(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
-                              m.virtual_pipeline_model_parallel_size, seed=cfg.trainer.seed)
     peak = args.peak_tflops if args.peak_tflops is not None else default_peak()
     estimators = ("grpo", "lens") if args.compare else (cfg.lens.estimator,)
     results = [run_one(replace(cfg, lens={"estimator": e}), args.steps, args.warmup, peak)

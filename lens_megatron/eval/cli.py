@@ -63,15 +63,12 @@ def _as_json(eval_result, source: str, samples: int) -> dict:
 
 def evaluate(args) -> dict:
     from ..cli import load_and_check
-    from ..parallel.initialize import destroy_parallel, init_process_group, initialize_model_parallel
+    from ..parallel.initialize import destroy_parallel, initialize_from_config
     from .policy import EvalPolicy
 
     cfg, _ = load_and_check(args.config, [*args.overrides, "exp_manager.resume=never"])
     records = load_math500(args.data)[: args.max_problems]
-    init_process_group(cfg.trainer.backend)
-    m = cfg.model
-    initialize_model_parallel(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
-                              m.virtual_pipeline_model_parallel_size, seed=cfg.trainer.seed)
+    initialize_from_config(cfg)
     with tempfile.TemporaryDirectory(prefix="lens-eval-") as scratch:
         policy = EvalPolicy(cfg, checkpoint=args.checkpoint, hf_dir=args.hf_dir, scratch=scratch)
         try:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..config import replace
 from ..data.prompts import PromptFormatter
-from ..parallel.collectives import is_model_parallel_leader, share_from_model_parallel_leader
+from ..parallel.collectives import is_model_parallel_leader
 from ..scoring import RolloutScorer
 from ..tokenizer import build_tokenizer
 from .rollout_eval import evaluate_pass_at_k
@@ -59,7 +59,7 @@ class EvalPolicy:
             return build_vllm_engine_for_eval(cfg, hf_dir, self.tokenizer)
         from ..checkpoint.model_io import load_model_checkpoint
         from ..models.builder import build_model_chunks
-        from ..rollout.megatron_sampler import MegatronSampler
+        from ..rollout.factory import native_sampler
 
         m = cfg.model
         if hf_dir:
@@ -68,12 +68,7 @@ class EvalPolicy:
                                     seed=m.init_seed)
         if checkpoint or m.load:
             load_model_checkpoint(chunks, checkpoint or m.load)
-        return MegatronSampler(
-            chunks, vocab_size=m.arch.vocab_size, eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id, hidden_size=m.arch.hidden_size,
-            dtype=m.precision_config().torch_dtype, kv_cache=cfg.rollout.kv_cache,
-            sequence_parallel=m.sequence_parallel, tp_size=m.tensor_model_parallel_size,
-            decode=self.tokenizer.decode, arch=m.arch)
+        return native_sampler(cfg, chunks, self.tokenizer)
 
     @staticmethod
     def _convert(hf_dir: str, scratch: str) -> str:
@@ -96,11 +91,8 @@ class EvalPolicy:
         return self.tokenizer.encode(self.formatter(record.problem))
 
     def evaluate(self, records, samples: int, seed: int = 0):
-        r = self.cfg.rollout
         return evaluate_pass_at_k(self.engine, self.scorer, self.tokenize, records, samples,
-                                  temperature=r.temperature, top_p=r.top_p,
-                                  max_new_tokens=r.max_new_tokens, seed=seed,
-                                  mp_broadcast=share_from_model_parallel_leader)
+                                  self.cfg.rollout, seed=seed)
 
     def close(self) -> None:
         if self.scorer is not None:

@@ -42,25 +42,29 @@ def _dp_info() -> tuple[int, int, object]:
 
 
 def evaluate_pass_at_k(engine, scorer_or_none, tokenize, records: Sequence, samples: int,
-                       temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
-                       seed: int = 0, batch_problems: int = 64,
-                       ks: Sequence[int] = DEFAULT_KS, mp_broadcast=None) -> EvalResult:
-    """``tokenize(record) -> token ids``; ``scorer_or_none`` scores on model-parallel leaders,
-    ``mp_broadcast(obj) -> obj`` shares its result within the model-parallel group."""
+                       rollout, seed: int = 0, batch_problems: int = 64,
+                       ks: Sequence[int] = DEFAULT_KS) -> EvalResult:
+    """``tokenize(record) -> token ids``; ``rollout``: the config's rollout section
+    (temperature, top_p, max_new_tokens). ``scorer_or_none`` scores on model-parallel
+    leaders, whose results are shared within their model-parallel group."""
+    from ..parallel.collectives import share_from_model_parallel_leader
+
     start = time.perf_counter()
     dp_rank, dp_size, dp_group = _dp_info()
+    grouped = dp_group is not None  # megatron's groups exist: share the leaders' scores
     per_rank = -(-len(records) // dp_size)
     mine = list(records)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     correct: list[int] = []
     for offset in range(0, len(mine), batch_problems):
         chunk = mine[offset:offset + batch_problems]
-        sampling = SamplingConfig(group_size=samples, temperature=temperature, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=seed,
+        sampling = SamplingConfig(group_size=samples, temperature=rollout.temperature,
+                                  top_p=rollout.top_p, max_new_tokens=rollout.max_new_tokens,
+                                  seed=seed,
                                   row_offset=(dp_rank * per_rank + offset) * samples)
         batch = engine.generate([tokenize(r) for r in chunk], sampling)
         golds = [r.answer for r in chunk for _ in range(samples)]
         scored = scorer_or_none.score(batch, golds) if scorer_or_none is not None else None
-        rewards, _ = mp_broadcast(scored) if mp_broadcast is not None else scored
+        rewards, _ = share_from_model_parallel_leader(scored) if grouped else scored
         correct.extend((rewards.view(-1, samples) >= 1.0).sum(1).tolist())
     if dp_size > 1:
         gathered = [None] * dp_size

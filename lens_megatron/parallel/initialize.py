@@ -84,6 +84,15 @@ def initialize_model_parallel(
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def initialize_from_config(cfg) -> None:
+    """The process group (if not up yet) and Megatron's groups for a ``LensTrainConfig``."""
+    init_process_group(cfg.trainer.backend, cfg.trainer.timeout_minutes)
+    m = cfg.model
+    initialize_model_parallel(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
+                              m.virtual_pipeline_model_parallel_size, m.context_parallel_size,
+                              seed=cfg.trainer.seed, timeout_minutes=cfg.trainer.timeout_minutes)
+
+
 def destroy_parallel() -> None:
     """Tear down Megatron's groups (and the default process group if we own it)."""
     from megatron.core import parallel_state

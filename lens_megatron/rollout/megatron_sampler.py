@@ -37,22 +37,23 @@ def _round_up(value: int, multiple: int) -> int:
 class MegatronSampler:
     """``RolloutEngine`` over the actor's own model chunks (weights are always in sync)."""
 
-    def __init__(self, chunks: list, vocab_size: int, eos_id: int, pad_id: int,
-                 hidden_size: int, dtype: torch.dtype, kv_cache: bool = True,
-                 sequence_parallel: bool = False, tp_size: int = 1,
-                 decode=None, arch=None) -> None:
+    def __init__(self, chunks: list, arch, eos_id: int, pad_id: int,
+                 dtype: torch.dtype = torch.float32, kv_cache: bool = True,
+                 sequence_parallel: bool = False, tp_size: int = 1, decode=None,
+                 lean: bool = True) -> None:
+        """``lean=False`` keeps megatron's modules even where the lean decoder applies."""
         from megatron.core import parallel_state
 
         self.chunks = chunks
-        self.vocab_size = vocab_size
+        self.vocab_size, self.hidden_size = arch.vocab_size, arch.hidden_size
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.hidden_size, self.dtype = hidden_size, dtype
+        self.dtype = dtype
         self.kv_cache = kv_cache and not sequence_parallel
         self.pad_multiple = tp_size if sequence_parallel else 1
         self.decode = decode  # optional ids -> text, for RolloutBatch.response_texts
         single = tp_size == 1 and parallel_state.get_pipeline_model_parallel_world_size() == 1
         self.lean = None
-        if self.kv_cache and single and arch is not None:
+        if lean and self.kv_cache and single:
             self.lean = LeanDecoder(chunks, arch, eps=arch.rms_norm_eps)
 
     # The actor's weights are the sampler's weights: nothing to sync or offload.

@@ -22,11 +22,6 @@ def _pp_info():
             ps.get_pipeline_model_parallel_prev_rank(), ps.get_pipeline_model_parallel_next_rank())
 
 
-def is_last_stage_rank() -> bool:
-    rank, size, _, _ = _pp_info()
-    return rank == size - 1
-
-
 def forward_logits(chunks: list, input_ids: torch.Tensor, inference_context=None,
                    hidden_size: Optional[int] = None,
                    dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:

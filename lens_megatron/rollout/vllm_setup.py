@@ -93,24 +93,23 @@ class DecodingEngine:
         self.engine.close()
 
 
-def build_vllm_engine(cfg, actor, tokenizer) -> DecodingEngine:
-    """vLLM, colocated with the actor, starting from its current weights."""
+def _decoding_vllm(cfg, hf_dir: str, tokenizer, weight_source=None) -> DecodingEngine:
+    """vLLM over ``hf_dir`` on token ids only; ``weight_source`` feeds ``sync_weights``."""
     from .vllm_engine import VLLMEngine, engine_config_from_rollout
 
-    run_dir = os.path.join(cfg.exp_manager.exp_dir, cfg.exp_manager.name)
-    hf_dir = export_actor_for_vllm(actor, os.path.join(run_dir, "vllm_initial_weights"))
     engine_cfg = engine_config_from_rollout(
         cfg.rollout, hf_dir, tokenizer.eos_id, tokenizer.pad_id, seed=cfg.trainer.seed,
         detokenize=False, extra_llm_kwargs={"skip_tokenizer_init": True})
-    return DecodingEngine(VLLMEngine(engine_cfg, weight_source=actor_weight_stream(actor)),
-                          tokenizer.decode)
+    return DecodingEngine(VLLMEngine(engine_cfg, weight_source=weight_source), tokenizer.decode)
+
+
+def build_vllm_engine(cfg, actor, tokenizer) -> DecodingEngine:
+    """vLLM, colocated with the actor, starting from its current weights."""
+    run_dir = os.path.join(cfg.exp_manager.exp_dir, cfg.exp_manager.name)
+    hf_dir = export_actor_for_vllm(actor, os.path.join(run_dir, "vllm_initial_weights"))
+    return _decoding_vllm(cfg, hf_dir, tokenizer, weight_source=actor_weight_stream(actor))
 
 
 def build_vllm_engine_for_eval(cfg, hf_dir: str, tokenizer) -> DecodingEngine:
     """vLLM serving an HF directory, for lens-eval."""
-    from .vllm_engine import VLLMEngine, engine_config_from_rollout
-
-    engine_cfg = engine_config_from_rollout(
-        cfg.rollout, hf_dir, tokenizer.eos_id, tokenizer.pad_id, seed=cfg.trainer.seed,
-        detokenize=False, extra_llm_kwargs={"skip_tokenizer_init": True})
-    return DecodingEngine(VLLMEngine(engine_cfg), tokenizer.decode)
+    return _decoding_vllm(cfg, hf_dir, tokenizer)
