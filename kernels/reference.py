@@ -58,8 +58,8 @@ def reference_row_stats(logits, targets, active, vocab_start, n_valid, temperatu
 
     Inactive rows and shards without valid columns give the neutral (−inf, 0, 0, 0).
     """
-    x = logits.double().reshape(-1, logits.shape[-1])[:, :n_valid] / temperature
-    rows = x.shape[0]
+    rows = targets.numel()
+    x = logits.double().reshape(rows, logits.shape[-1])[:, :n_valid] / temperature
     out = torch.zeros(rows, 4, dtype=torch.float64)
     out[:, 0] = float("-inf")
     if n_valid == 0:

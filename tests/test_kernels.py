@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,14 +17,14 @@ import torch
 from lens_kernels import logprobs_and_confidence
 from lens_kernels import torch_logprob, triton_logprob
 from lens_kernels.reference import reference_logprobs, reference_row_grad, reference_row_stats
+from seeds import random_seed
 
 INTERPRETED = triton_logprob.is_interpreted()
 
 
 @pytest.fixture
 def gen():
-    seed = time.time_ns() % (2**31)
-    print(f"random seed = {seed}")
+    seed = random_seed()
     return torch.Generator().manual_seed(seed)
 
 

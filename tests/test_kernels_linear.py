@@ -1,7 +1,6 @@
 """Fused linear variant (stretch): hidden × LM-head shard → log-probs without the full logits."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -9,12 +8,12 @@ import torch.distributed as dist
 
 from lens_kernels import linear_logprobs_and_confidence, logprobs_and_confidence
 from lens_kernels.reference import reference_logprobs
+from seeds import random_seed
 
 
 @pytest.fixture
 def gen():
-    seed = time.time_ns() % (2**31)
-    print(f"random seed = {seed}")
+    seed = random_seed()
     return torch.Generator().manual_seed(seed)
 
 
@@ -85,8 +84,7 @@ def _linear_rank(seed):
 def test_linear_tp2_equals_single_process():
     from lens_megatron.parallel.spawn import run_in_processes
 
-    seed = time.time_ns() % (2**31)
-    print(f"random seed = {seed}")
+    seed = random_seed()
     ranks = run_in_processes(_linear_rank, 2, args=(seed,), timeout=240.0)
     hidden, weight, targets, mask = _inputs(torch.Generator().manual_seed(seed), vocab=320)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)

@@ -1,7 +1,6 @@
 """Vocab-parallel (TP) log-probs: gloo ranks vs one process, and the single-collective merge."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.distributed as dist
 from lens_kernels import logprobs_and_confidence
 from lens_kernels import tp
 from lens_kernels.reference import reference_row_stats
+from seeds import random_seed
 
 # Everything torch.distributed can communicate with; the count below includes them all.
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
@@ -98,8 +98,7 @@ def _tp_rank(seed, padded_vocab, valid_vocab):
 def test_tp_equals_single_process(world, padded_vocab, valid_vocab):
     from lens_megatron.parallel.spawn import run_in_processes
 
-    seed = time.time_ns() % (2**31)
-    print(f"random seed = {seed}")
+    seed = random_seed()
     per_rank = run_in_processes(_tp_rank, world, args=(seed, padded_vocab, valid_vocab),
                                 timeout=240.0)
     for i, (dtype_name, temperature, entropy) in enumerate(_CASES):
@@ -122,16 +121,22 @@ def test_tp_equals_single_process(world, padded_vocab, valid_vocab):
         assert (grad[..., valid_vocab:] == 0).all()
 
 
-def test_merge_of_shards_equals_unsharded_stats():
+@pytest.mark.parametrize("split", ["empty-first", "empty-middle-and-last", "random"])
+def test_merge_of_shards_equals_unsharded_stats(split):
     """merge_row_stats over any vocab split (empty shards, −inf columns) = the full-vocab row."""
-    seed = time.time_ns() % (2**31)
+    seed = random_seed()
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(2, 4, 97, generator=gen, dtype=torch.float64) * 4
     logits[0, 0, :60] = float("-inf")                     # first shards of this row empty-ish
     logits[..., 5] = float("-inf")
     targets = torch.randint(0, 97, (2, 4), generator=gen)
     active = torch.ones(8, dtype=torch.int8)
-    cuts = sorted(torch.randint(0, 98, (3,), generator=gen).tolist())
+    if split == "empty-first":
+        cuts = [0, 31, 31]
+    elif split == "empty-middle-and-last":
+        cuts = [31, 31, 97]
+    else:
+        cuts = sorted(torch.randint(0, 98, (3,), generator=gen).tolist())
     bounds = [0, *cuts, 97]
     shards = [reference_row_stats(logits[..., a:b], targets, active, a, b - a)
               for a, b in zip(bounds[:-1], bounds[1:])]
