@@ -151,6 +151,10 @@ class ExpManagerConfig:
     name: str = "lens"
     resume: str = "auto"  # auto | never | must
     keep_checkpoints: int = 2
+    # distributed optimizer state in checkpoints: dp_reshardable (each rank writes its own
+    # shard, no gather; resume at the same TP×PP, any DP > 1) | fully_reshardable (gathered
+    # over DP into per-parameter tensors at save time; resume at any TP/PP/DP layout)
+    optimizer_checkpoint_format: str = "dp_reshardable"
     tensorboard: bool = False
     wandb_project: Optional[str] = None
 
@@ -263,6 +267,8 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
     _validate_optim(cfg.optim)
     _validate_data(cfg.data, environment)
     _one_of(cfg.exp_manager.resume, "exp_manager.resume", ("auto", "never", "must"))
+    _one_of(cfg.exp_manager.optimizer_checkpoint_format, "exp_manager.optimizer_checkpoint_format",
+            ("dp_reshardable", "fully_reshardable"))
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 seconds")
     _check(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = in-process)")
     if cfg.rollout.group_size == 1:

@@ -329,7 +329,8 @@ class LensTrainer:
         return save_training_checkpoint(self.ckpt_root, self.step, self.actor.training, state,
                                         keep=self.cfg.exp_manager.keep_checkpoints,
                                         arch=self.cfg.model.arch,
-                                        params_dtype=self.cfg.model.precision)
+                                        params_dtype=self.cfg.model.precision,
+                                        optimizer_format=self.cfg.exp_manager.optimizer_checkpoint_format)
 
     def maybe_resume(self) -> Optional[str]:
         mode = self.cfg.exp_manager.resume
@@ -340,7 +341,9 @@ class LensTrainer:
             if mode == "must":
                 raise FileNotFoundError(f"exp_manager.resume=must but no checkpoint in {self.ckpt_root}")
             return None
-        state = load_training_checkpoint(path, self.actor.training)
+        state = load_training_checkpoint(
+            path, self.actor.training, params_dtype=self.cfg.model.precision,
+            optimizer_format=self.cfg.exp_manager.optimizer_checkpoint_format)
         self.step = int(state["step"])
         self.prompts.load_state_dict(state["data"])
         self.guard.load_state_dict(state["guard"])

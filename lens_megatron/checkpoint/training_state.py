@@ -1,6 +1,7 @@
 """Training checkpoints: model + optimizer + LR schedule (megatron ``dist_checkpointing``,
-torch_dist format, loadable at another TP/PP/DP layout) and the trainer's own state (step,
-data position, stall-guard and counters) — written atomically.
+torch_dist format; the model reshards to any TP/PP/DP layout, the optimizer state as far as
+its format allows — see ``optimizer_state``) and the trainer's own state (step, data
+position, stall-guard and counters) — written atomically.
 
 Layout under ``<exp_dir>/<name>/checkpoints/``::
 
@@ -24,6 +25,8 @@ import torch.distributed as dist
 
 from ..models.sharding import unwrap_model
 from ..parallel import cpu_mode
+from . import optimizer_state
+from .model_io import chunks_sharded_state_dict
 
 TRAINER_STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -37,44 +40,25 @@ def _step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step:06d}")
 
 
-def _materialize_empty_optimizer_state(optimizer) -> None:
-    """A never-stepped torch Adam has no state, and megatron 0.16's DistributedOptimizer
-    cannot describe an empty state for loading; give it zero-valued state first (the load
-    then overwrites every value)."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_opt = getattr(inner, "optimizer", None)
-        if torch_opt is not None and not torch_opt.state and hasattr(
-                inner, "_init_optimizer_states_with_dummy_values"):
-            inner._init_optimizer_states_with_dummy_values()
-
-
-def _unshare_adam_step_counters(optimizer) -> None:
-    """megatron 0.16 restores torch Adam's per-parameter ``step`` as *one* tensor shared by
-    every parameter; torch then increments it once per parameter per step, corrupting the
-    bias correction after a resume. Give each parameter its own counter again."""
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_opt = getattr(inner, "optimizer", None)
-        for state in getattr(torch_opt, "state", {}).values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
-
-
-def _sharded_state_dict(training, is_loading: bool) -> dict:
+def _sharded_state_dict(training, is_loading: bool, fmt: str) -> dict:
     if is_loading:
-        _materialize_empty_optimizer_state(training.optimizer)
-    model_sd = {}
-    for index, chunk in enumerate(training.chunks):
-        model_sd[f"chunk{index}"] = unwrap_model(chunk).sharded_state_dict()
-    # dp_reshardable: each rank writes its optimizer shard as is (fully parallel); a run can
-    # resume at another data-parallel size but the same TP×PP. (megatron 0.16's
-    # fully_reshardable loader breaks on torch Adam's per-parameter "step" state, and its
-    # flattened formats are rejected.) Model weights in the checkpoint reshard freely.
-    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+        optimizer_state.materialize_empty_state(training.optimizer)
+    model_sd = chunks_sharded_state_dict(training.chunks)
     return {
         "model": model_sd,
-        "optimizer": training.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                           metadata=metadata),
+        "optimizer": training.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=optimizer_state.sharding_metadata(fmt)),
     }
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {"tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline_model_parallel_size":
+                ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "data_parallel_size": ps.get_data_parallel_world_size()}
 
 
 def _rank0() -> bool:
@@ -87,8 +71,12 @@ def _barrier() -> None:
 
 
 def save_training_checkpoint(root: str, step: int, training, trainer_state: dict[str, Any],
-                             keep: int = 2, arch=None, params_dtype: str = "fp32") -> str:
+                             keep: int = 2, arch=None, params_dtype: str = "fp32",
+                             optimizer_format: str = "dp_reshardable") -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    ``optimizer_format`` (exp_manager.optimizer_checkpoint_format) applies to the distributed
+    optimizer; see ``optimizer_state`` for what each format can be resumed at.
 
     With ``arch`` the checkpoint also gets ``lens_checkpoint.json``, so it can be exported
     to HF (``tools/convert_megatron_to_hf.py``) or used as ``model.load`` directly.
@@ -104,11 +92,15 @@ def save_training_checkpoint(root: str, step: int, training, trainer_state: dict
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
+    fmt = optimizer_state.current_format(training, optimizer_format)
     with cpu_mode.cuda_to_cpu():
-        dist_checkpointing.save(_sharded_state_dict(training, is_loading=False), tmp)
+        dist_checkpointing.save(_sharded_state_dict(training, is_loading=False, fmt=fmt), tmp)
     if _rank0():
+        optimizer_meta = {
+            "format": fmt, "layout": _layout(), "adam_step": optimizer_state.adam_step(training.optimizer),
+            "main_param_prefix": optimizer_state.main_param_prefix(training, params_dtype)}
         state = dict(trainer_state, step=step, scheduler=training.scheduler.state_dict(),
-                     optimizer_format=_optimizer_format(training))
+                     optimizer=optimizer_meta)
         with open(os.path.join(tmp, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(state, f)
         if arch is not None:
@@ -157,28 +149,51 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return path
 
 
-def _optimizer_format(training) -> str:
-    return "distributed" if training.distributed_optimizer else "plain"
+def _saved_optimizer_meta(trainer_state: dict[str, Any], training) -> dict[str, Any]:
+    """The optimizer section of a trainer state (also from checkpoints written before it had one)."""
+    meta = trainer_state.pop("optimizer", None)
+    legacy = trainer_state.pop("optimizer_format", None)
+    if meta is None:
+        fmt = optimizer_state.LEGACY_FORMATS.get(legacy, legacy) or optimizer_state.current_format(
+            training, "dp_reshardable")
+        meta = {"format": fmt, "layout": None, "adam_step": None, "main_param_prefix": None}
+    return meta
 
 
-def load_training_checkpoint(path: str, training) -> dict[str, Any]:
-    """Collective: restore model, optimizer and schedule; return the trainer state."""
+def load_training_checkpoint(path: str, training, params_dtype: str = "fp32",
+                             optimizer_format: str = "dp_reshardable") -> dict[str, Any]:
+    """Collective: restore model, optimizer and schedule; return the trainer state.
+
+    Resumable at another layout as far as the saved optimizer format allows (see
+    ``optimizer_state``); otherwise refused before anything is read.
+    """
     from megatron.core import dist_checkpointing
 
     with open(os.path.join(path, TRAINER_STATE_FILE), encoding="utf-8") as f:
         trainer_state = json.load(f)
-    saved_format = trainer_state.pop("optimizer_format", _optimizer_format(training))
-    if saved_format != _optimizer_format(training):
-        raise RuntimeError(
-            f"{path} holds {saved_format} optimizer state but this run uses the "
-            f"{_optimizer_format(training)} optimizer (the distributed optimizer is active only "
-            "with data-parallel size > 1): resume with the same kind of layout, or start "
-            "the new layout from the model weights alone (model.load=<checkpoint>)")
+    saved = _saved_optimizer_meta(trainer_state, training)
+    fmt_now = optimizer_state.current_format(training, optimizer_format)
+    optimizer_state.check_resumable(saved, fmt_now, _layout(), path)
+    same_kind = (saved["format"] == optimizer_state.PLAIN) == (fmt_now == optimizer_state.PLAIN)
+    optimizer_state.allow_stepless_fully_reshardable_load(training.optimizer)
     with cpu_mode.cuda_to_cpu(), torch.no_grad():
-        state = dist_checkpointing.load(_sharded_state_dict(training, is_loading=True), path)
+        if same_kind:
+            # megatron's own loader, in the format the checkpoint was written in
+            state = dist_checkpointing.load(
+                _sharded_state_dict(training, is_loading=True, fmt=saved["format"]), path)
+        else:
+            optimizer_state.materialize_empty_state(training.optimizer)
+            model_sd = chunks_sharded_state_dict(training.chunks)
+            structure, leaves = optimizer_state.request_across_kinds(
+                training, model_sd, optimizer_state.main_param_prefix(training, params_dtype),
+                saved["main_param_prefix"])
+            state = dist_checkpointing.load({"model": model_sd, "optimizer": leaves}, path)
         for index, chunk in enumerate(training.chunks):
             unwrap_model(chunk).load_state_dict(state["model"][f"chunk{index}"])
+        if not same_kind:  # after the model: master weights may come from its parameters
+            state["optimizer"] = optimizer_state.fill_across_kinds(
+                training, structure, state["optimizer"], model_sd, int(saved["adam_step"]))
         training.optimizer.load_state_dict(state["optimizer"])
-        _unshare_adam_step_counters(training.optimizer)
+        optimizer_state.unshare_adam_step_counters(training.optimizer)
     training.scheduler.load_state_dict(trainer_state.pop("scheduler"))
     return trainer_state
