@@ -18,11 +18,12 @@ from lens_megatron.parallel.spawn import run_in_processes
 from trainer_helpers import full_weights, init_for, tiny_config
 
 
-def layout_worker(run_dir, steps, tp, devices, fmt, precision, forget_moments):
+def layout_worker(run_dir, steps, tp, pp, devices, fmt, precision, forget_moments):
     from lens_megatron.trainer import LensTrainer
 
     cfg = tiny_config(run_dir, f"trainer.max_steps={steps}", "exp_manager.resume=auto",
                       "lens.estimator=lens", f"model.tensor_model_parallel_size={tp}",
+                      f"model.pipeline_model_parallel_size={pp}",
                       "optim.lr=0.01", f"exp_manager.optimizer_checkpoint_format={fmt}",
                       f"model.precision={precision}", devices=devices)
     init_for(cfg)
@@ -50,9 +51,10 @@ def layout_worker(run_dir, steps, tp, devices, fmt, precision, forget_moments):
 
 
 def _run(run_dir, steps, layout, fmt, precision, forget_moments=False):
-    tp, dp = layout
-    return run_in_processes(layout_worker, tp * dp,
-                            (str(run_dir), steps, tp, tp * dp, fmt, precision, forget_moments),
+    tp, pp, dp = layout
+    return run_in_processes(layout_worker, tp * pp * dp,
+                            (str(run_dir), steps, tp, pp, tp * pp * dp, fmt, precision,
+                             forget_moments),
                             timeout=600.0)[0]
 
 
@@ -61,11 +63,17 @@ def _max_diff(a, b):
 
 
 CASES = [
-    # (format written at A, precision, layout A (tp, dp), layout B, exact)
-    pytest.param("fully_reshardable", "fp32", (1, 2), (2, 1), False, id="distributed-tp1dp2-to-plain-tp2"),
-    pytest.param("dp_reshardable", "fp32", (2, 1), (1, 2), False, id="plain-tp2-to-distributed-tp1dp2"),
-    pytest.param("fully_reshardable", "bf16", (1, 2), (1, 2), True, id="fully-reshardable-bf16-same-layout"),
-    pytest.param("dp_reshardable", "bf16", (1, 1), (1, 2), True, id="plain-bf16-to-distributed-dp2"),
+    # (format written at A, precision, layout A (tp, pp, dp), layout B, exact)
+    pytest.param("fully_reshardable", "fp32", (1, 1, 2), (2, 1, 1), False,
+                 id="distributed-dp2-to-plain-tp2"),
+    pytest.param("dp_reshardable", "fp32", (2, 1, 1), (1, 1, 2), False,
+                 id="plain-tp2-to-distributed-dp2"),
+    pytest.param("fully_reshardable", "fp32", (1, 1, 2), (1, 2, 1), False,
+                 id="distributed-dp2-to-plain-pp2"),
+    pytest.param("fully_reshardable", "bf16", (1, 1, 2), (1, 1, 2), True,
+                 id="fully-reshardable-bf16-same-layout"),
+    pytest.param("dp_reshardable", "bf16", (1, 1, 1), (1, 1, 2), True,
+                 id="plain-bf16-to-distributed-dp2"),
 ]
 
 
@@ -79,7 +87,7 @@ def test_resume_at_another_layout_keeps_optimizer_state(tmp_path, fmt, precision
     shutil.copytree(tmp_path / "first", tmp_path / "control")
     resumed = _run(tmp_path / "first", 3, layout_b, fmt, precision)
     assert resumed["resumed_from"] and os.path.basename(resumed["resumed_from"]) == "step_000002"
-    assert resumed["distributed"] == (layout_b[1] > 1)
+    assert resumed["distributed"] == (layout_b[2] > 1)
     diff = _max_diff(straight["weights"], resumed["weights"])
     if exact:
         assert diff == 0.0, f"resumed at {layout_b} differs from straight at {layout_a}: {diff}"
