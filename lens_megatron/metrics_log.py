@@ -1,11 +1,19 @@
 """Per-step metrics: a JSON Lines file always, TensorBoard and Weights & Biases when
-configured, and a one-line console summary / progress bar. Only global rank 0 writes."""
+configured, and a one-line console summary / progress bar. Only global rank 0 writes.
+
+``metrics.jsonl`` holds one run's history. A fresh run (step 0) that finds one from an earlier
+run moves it aside to ``metrics.<UTC time>.jsonl``; a run resumed at step N keeps the rows up
+to N and moves the complete old file aside when it held later steps (logged after the
+checkpoint, before a crash; they are run again), so no step appears twice and nothing is
+deleted.
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
 import sys
+import time
 from typing import Optional
 
 
@@ -21,18 +29,22 @@ class MetricsLogger:
                  total_steps: int = 0, start_step: int = 0, progress_bar: bool = True,
                  config_dict: Optional[dict] = None) -> None:
         self.enabled = enabled
+        self.set_aside: Optional[str] = None  # where an earlier metrics.jsonl was moved
         self.path = os.path.join(directory, "metrics.jsonl")
         self._tb = self._wandb = self._bar = None
         if not enabled:
             return
         os.makedirs(directory, exist_ok=True)
+        self.set_aside = _start_history(self.path, start_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # pragma: no cover - depends on the install
                 raise RuntimeError("exp_manager.tensorboard: install tensorboard "
                                    "(`pip install -e .[logging]`)") from exc
-            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+            # a resumed run rewrites the steps after its checkpoint: drop their old events
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"),
+                                     purge_step=start_step + 1 if start_step > 0 else None)
         if wandb_project:
             try:
                 import wandb
@@ -79,6 +91,29 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _start_history(path: str, start_step: int) -> Optional[str]:
+    """Make ``path`` hold only rows up to ``start_step``; returns where an earlier file went."""
+    if not os.path.exists(path):
+        return None
+    if start_step > 0 and all(row.get("step", 0) <= start_step for row in read_metrics(path)):
+        return None  # a clean resume: keep appending
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = os.path.join(os.path.dirname(path), f"metrics.{stamp}.jsonl")
+    suffix = 1
+    while os.path.exists(aside):
+        aside = os.path.join(os.path.dirname(path), f"metrics.{stamp}-{suffix}.jsonl")
+        suffix += 1
+    os.replace(path, aside)
+    if start_step > 0:
+        tmp = path + ".tmp"
+        with open(aside, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+            for line in src:
+                if line.strip() and json.loads(line).get("step", 0) <= start_step:
+                    dst.write(line)
+        os.replace(tmp, path)
+    return aside
 
 
 _SUMMARY = ("reward/mean", "groups/negative_ratio", "loss", "time/step_s")

@@ -95,6 +95,9 @@ class LensTrainer:
                             run_name=self.cfg.exp_manager.name,
                             total_steps=self.cfg.trainer.max_steps, start_step=self.step,
                             progress_bar=self.cfg.trainer.progress_bar)
+        if log.set_aside:
+            log.message(f"earlier metrics moved to {log.set_aside} (this run "
+                        f"{'resumes at step %d' % self.step if self.step else 'starts fresh'})")
         if dist.get_rank() == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
