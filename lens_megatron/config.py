@@ -346,8 +346,12 @@ def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> Non
                "FP8 training keeps bf16/fp16 master weights; set model.precision: bf16")
     if m.transformer_impl == "transformer_engine":
         _check(te, "model.transformer_impl", TE_INSTALL_HINT)
-    _check(cp == 1 or te, "model.context_parallel_size",
-           "context parallelism needs Transformer Engine attention")
+    # The actor feeds every rank whole sequences; context parallelism would need them split
+    # over CP ranks (and the per-token results gathered back). Refuse rather than run wrong.
+    _check(cp == 1, "model.context_parallel_size",
+           "context parallelism is not implemented in the actor (sequences are not split over "
+           "CP ranks); set it to 1 and shard long sequences with tensor_model_parallel_size > 1 "
+           "and sequence_parallel: true, or lower model.micro_batch_size")
     _check(not m.sequence_parallel or tp > 1, "model.sequence_parallel",
            "sequence parallelism needs tensor_model_parallel_size > 1")
     _check(m.micro_batch_size >= 1, "model.micro_batch_size", "must be >= 1")

@@ -46,6 +46,8 @@ def test_yaml_file_and_overrides(tmp_path):
     (["model.micro_batch_size=3"], "model.micro_batch_size", "micro_batch_size (3)"),
     (["rollout.group_size=1"], "rollout.group_size", "G >= 2"),
     (["model.sequence_parallel=true"], "model.sequence_parallel", "tensor_model_parallel_size > 1"),
+    (["model.context_parallel_size=2", "trainer.devices=2"], "model.context_parallel_size",
+     "not implemented in the actor"),
     (["data.task=file"], "data.train_path", "required"),
     (["data.task=file", "data.train_path=/nonexistent.jsonl"], "data.train_path", "does not exist"),
 ])
