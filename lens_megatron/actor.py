@@ -2,11 +2,14 @@
 computing sequence log-probs through the fused ``lens_kernels`` kernel and training with the
 clipped policy loss.
 
-Batch layout: sequences are *padded*, not packed. Each call pads every micro-batch to the
-same width (the longest prompt+response of the batch, rounded up to a multiple of TP under
-sequence parallelism): pipeline stages exchange fixed-shape activations, and our SDPA/local
-layer spec has no packed-sequence (THD) attention. Packing pays off for long, ragged
-responses on GPUs with Transformer Engine; it is not implemented.
+Batch layout: sequences are *padded*, not packed, and each micro-batch is cut to the columns
+it needs: up to its last response token (causal attention — later positions cannot change
+earlier ones), rounded up to a multiple of TP under sequence parallelism. With pipeline
+parallelism the micro-batches of one call share the widest such width, since stages exchange
+fixed-shape activations (megatron 0.16 ties variable p2p shapes to MoE). Results are padded
+back to the batch width with zeros, which is what masked positions hold anyway. Packing
+(THD attention) would also remove the padding inside a micro-batch; our SDPA/local layer spec
+has no packed attention, and it is not implemented.
 
 Token coordinates: position t of ``token_logprobs [N, S]`` is the log-prob of
 ``input_ids[:, t + 1]`` predicted at t, and ``target_mask[:, t] = response_mask[:, t + 1]``.
@@ -142,16 +145,38 @@ class LensActor:
                 forward_only=forward_only,
             )
 
+    def _needed_width(self, mask: torch.Tensor) -> int:
+        """Columns a micro-batch needs: through its last target position, rounded up to the
+        sequence-parallel multiple (never past the batch width, itself such a multiple)."""
+        columns = mask.any(0).nonzero()
+        width = int(columns[-1]) + 1 if len(columns) else 1
+        width = -(-width // self.pad_multiple) * self.pad_multiple
+        return min(width, mask.shape[1])
+
     def _micro_batches(self, tokens: TokenBatch, extra: dict[str, torch.Tensor]) -> list[dict]:
+        """Micro-batches of ``tokens`` cut to the columns they need (see module docstring);
+        per-token entries of ``extra`` (``[N, S]``) are cut alike, per-sequence ones kept."""
         mbs = self.cfg.model.micro_batch_size
-        n = tokens.input_ids.shape[0]
+        n, full = tokens.input_ids.shape
+        starts = range(0, n, mbs)
+        widths = [self._needed_width(tokens.target_mask[s:s + mbs]) for s in starts]
+        if _ps().get_pipeline_model_parallel_world_size() > 1 and widths:
+            widths = [max(widths)] * len(widths)
         out = []
-        for start in range(0, n, mbs):
+        for start, width in zip(starts, widths):
             piece = tokens.slice(start, start + mbs)
-            mb = {"input_ids": piece.input_ids, "targets": piece.targets, "mask": piece.target_mask}
-            mb.update({k: v[start:start + mbs] for k, v in extra.items()})
+            mb = {"input_ids": piece.input_ids[:, :width], "targets": piece.targets[:, :width],
+                  "mask": piece.target_mask[:, :width]}
+            for key, value in extra.items():
+                rows = value[start:start + mbs]
+                mb[key] = rows[:, :width] if rows.dim() >= 2 and rows.shape[1] == full else rows
             out.append(mb)
         return out
+
+    @staticmethod
+    def _to_width(values: torch.Tensor, width: int) -> torch.Tensor:
+        """Per-token results of a cut micro-batch, zero-padded back to the batch width."""
+        return torch.nn.functional.pad(values, (0, width - values.shape[1]))
 
     def _dp_slice(self, n: int) -> tuple[int, int]:
         per_rank = n // self.dp_size
@@ -167,11 +192,13 @@ class LensActor:
         local = tokens.slice(start, end)
         chunks = self.reference_chunks if reference else self.chunks
 
+        width = local.input_ids.shape[1]
+
         def collect(logits, mb):
             out = self._kernel(logits, mb["targets"], mb["mask"], entropy)
-            kept = {"token_logprobs": out.token_logprobs.detach()}
+            kept = {"token_logprobs": self._to_width(out.token_logprobs.detach(), width)}
             if entropy:
-                kept["entropy"] = out.entropy.detach()
+                kept["entropy"] = self._to_width(out.entropy.detach(), width)
             return out.token_logprobs.sum() * 0.0, kept
 
         results = self._run_schedule(chunks, self._micro_batches(local, {}), collect, True)

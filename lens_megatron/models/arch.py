@@ -139,8 +139,8 @@ def to_transformer_config(
         pipeline_dtype=dtype,
         bf16=precision.params == "bf16",
         fp16=precision.params == "fp16",
-        # Every micro-batch of one call is padded to the same length, so PP p2p shapes
-        # are fixed (megatron's variable_seq_lengths is tied to MoE dispatchers in 0.16).
+        # Under PP every micro-batch of one call has the same width, so p2p shapes are
+        # fixed (megatron's variable_seq_lengths is tied to MoE dispatchers in 0.16).
         deallocate_pipeline_outputs=False,
         # gloo matches point-to-point messages between one pair of ranks by posting order;
         # with PP=2 both neighbours are the same rank and megatron's *batched* p2p ops swap
