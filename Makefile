@@ -1,6 +1,7 @@
 # lens-megatron — bootstrap a local virtual environment idempotently, then run things in it.
 #   make test   install (if needed) and run the whole test suite (what CI runs)
 #   make demo   train GRPO and LENS on the embedded tiny default (CPU, a few minutes)
+#   make gpu-check  the GPU paths CI cannot run (on a CUDA machine; see tools/gpu_check.sh)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Re-install when the dependency declarations change.
 DEPS_STAMP := $(VENV)/.deps-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install test test-fast demo bench clean-venv
+.PHONY: install test test-fast demo gpu-check clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,12 @@ test-fast: install
 
 demo: install
 	$(PY) -m lens_megatron.cli demo
+
+# Kernel on the device, NCCL, TE/FP8, vLLM, GPU benchmarks. Not the CPU .venv: run it in an
+# environment with a CUDA torch and `pip install -e '.[gpu,test]'` (GPU_PYTHON selects it).
+GPU_PYTHON ?= python
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash tools/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

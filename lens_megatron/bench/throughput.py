@@ -211,3 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nwrote {args.output}")
     destroy_parallel()
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
