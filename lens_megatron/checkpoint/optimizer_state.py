@@ -1,6 +1,7 @@
 """Optimizer state in training checkpoints, and resuming it at another parallel layout.
 
-Three on-disk formats, recorded in ``trainer_state.json`` as ``optimizer_format``:
+Three on-disk formats, recorded in ``trainer_state.json`` under ``optimizer`` (with the layout,
+the Adam step count and where the master weights are stored):
 
 ``plain``
     One data-parallel rank (the distributed optimizer is off, see ``optimizer.py``): megatron
@@ -15,9 +16,9 @@ Three on-disk formats, recorded in ``trainer_state.json`` as ``optimizer_format`
 
 A resume in the same format goes through megatron's own loader. A resume across the
 plain ↔ distributed boundary (e.g. 1 GPU → 2 GPUs) needs a per-parameter format on disk and
-goes through :func:`load_across_kinds`, which requests the *current* optimizer's own
-per-parameter tensors under the names the saved one used, and hands megatron's loader the
-result. ``dp_reshardable`` at another TP/PP, or into a one-rank run, is refused before
+goes through :func:`request_across_kinds` and :func:`fill_across_kinds`: the *current*
+optimizer's own per-parameter tensors are requested under the names the saving one used, and
+the filled state dict goes to megatron's loader. ``dp_reshardable`` at another TP/PP, or into a one-rank run, is refused before
 anything is read, with the way out in the message.
 
 Two megatron-core 0.16 defects are worked around here, on the optimizer instance only:
