@@ -2,14 +2,17 @@
 computing sequence log-probs through the fused ``lens_kernels`` kernel and training with the
 clipped policy loss.
 
-Batch layout: sequences are *padded*, not packed, and each micro-batch is cut to the columns
-it needs: up to its last response token (causal attention — later positions cannot change
-earlier ones), rounded up to a multiple of TP under sequence parallelism. With pipeline
-parallelism the micro-batches of one call share the widest such width, since stages exchange
-fixed-shape activations (megatron 0.16 ties variable p2p shapes to MoE). Results are padded
-back to the batch width with zeros, which is what masked positions hold anyway. Packing
-(THD attention) would also remove the padding inside a micro-batch; our SDPA/local layer spec
-has no packed attention, and it is not implemented.
+Batch layout: sequences are *padded*, not packed, with as little padding as that allows. The
+rows of a call are ordered by the columns they need (through their last response token;
+causal attention means later positions cannot change earlier ones) so that short rows share
+micro-batches, and each micro-batch is cut to its longest row, rounded up to a multiple of TP
+under sequence parallelism. With pipeline parallelism the micro-batches of one call share the
+widest cut, since stages exchange fixed-shape activations (megatron 0.16 ties variable p2p
+shapes to MoE). Per-token results go back to the original row order and the batch width, with
+zeros where positions are masked (what the kernel gives there anyway). The gradient does not
+depend on the grouping: every micro-batch's loss is divided by the global normalizer. Packing
+(THD attention) would remove the remaining padding; our SDPA/local layer spec has no packed
+attention, and it is not implemented.
 
 Token coordinates: position t of ``token_logprobs [N, S]`` is the log-prob of
 ``input_ids[:, t + 1]`` predicted at t, and ``target_mask[:, t] = response_mask[:, t + 1]``.
@@ -145,33 +148,40 @@ class LensActor:
                 forward_only=forward_only,
             )
 
-    def _needed_width(self, mask: torch.Tensor) -> int:
-        """Columns a micro-batch needs: through its last target position, rounded up to the
-        sequence-parallel multiple (never past the batch width, itself such a multiple)."""
-        columns = mask.any(0).nonzero()
-        width = int(columns[-1]) + 1 if len(columns) else 1
-        width = -(-width // self.pad_multiple) * self.pad_multiple
-        return min(width, mask.shape[1])
+    @staticmethod
+    def _needed_lengths(mask: torch.Tensor) -> torch.Tensor:
+        """Per row, the columns it needs: through its last target position (0 if none)."""
+        positions = torch.arange(1, mask.shape[1] + 1).expand_as(mask)
+        return torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(1)
 
-    def _micro_batches(self, tokens: TokenBatch, extra: dict[str, torch.Tensor]) -> list[dict]:
-        """Micro-batches of ``tokens`` cut to the columns they need (see module docstring);
-        per-token entries of ``extra`` (``[N, S]``) are cut alike, per-sequence ones kept."""
+    def _micro_batches(self, tokens: TokenBatch,
+                       extra: dict[str, torch.Tensor]) -> tuple[list[dict], torch.Tensor]:
+        """Micro-batches of ``tokens`` (see module docstring): rows ordered by the columns they
+        need, so short rows share micro-batches, each micro-batch cut to its longest row
+        (rounded up to the sequence-parallel multiple). Per-token entries of ``extra``
+        (``[N, S]``) are cut alike, per-sequence ones kept. Returns the micro-batches and the
+        row order (``order[i]``: the original row of the i-th row fed to the model)."""
         mbs = self.cfg.model.micro_batch_size
         n, full = tokens.input_ids.shape
-        starts = range(0, n, mbs)
-        widths = [self._needed_width(tokens.target_mask[s:s + mbs]) for s in starts]
+        lengths = self._needed_lengths(tokens.target_mask)
+        order = torch.argsort(lengths, stable=True)
+        groups = [order[s:s + mbs] for s in range(0, n, mbs)]
+        widths = []
+        for rows in groups:
+            width = max(1, int(lengths[rows].max())) if len(rows) else 1
+            widths.append(min(full, -(-width // self.pad_multiple) * self.pad_multiple))
         if _ps().get_pipeline_model_parallel_world_size() > 1 and widths:
             widths = [max(widths)] * len(widths)
         out = []
-        for start, width in zip(starts, widths):
-            piece = tokens.slice(start, start + mbs)
-            mb = {"input_ids": piece.input_ids[:, :width], "targets": piece.targets[:, :width],
-                  "mask": piece.target_mask[:, :width]}
+        for rows, width in zip(groups, widths):
+            mb = {"input_ids": tokens.input_ids[rows, :width],
+                  "targets": tokens.targets[rows, :width],
+                  "mask": tokens.target_mask[rows, :width]}
             for key, value in extra.items():
-                rows = value[start:start + mbs]
-                mb[key] = rows[:, :width] if rows.dim() >= 2 and rows.shape[1] == full else rows
+                picked = value[rows]
+                mb[key] = picked[:, :width] if picked.dim() >= 2 and picked.shape[1] == full else picked
             out.append(mb)
-        return out
+        return out, order
 
     @staticmethod
     def _to_width(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -201,12 +211,15 @@ class LensActor:
                 kept["entropy"] = self._to_width(out.entropy.detach(), width)
             return out.token_logprobs.sum() * 0.0, kept
 
-        results = self._run_schedule(chunks, self._micro_batches(local, {}), collect, True)
+        batches, order = self._micro_batches(local, {})
+        results = self._run_schedule(chunks, batches, collect, True)
         keys = ["token_logprobs"] + (["entropy"] if entropy else [])
         shape = tuple(local.input_ids.shape)
         merged = {}
         for key in keys:
-            value = torch.cat([r[key] for r in results]) if results else torch.zeros(shape)
+            value = torch.zeros(shape)
+            if results:  # the last pipeline stage: rows back in their original order
+                value[order] = torch.cat([r[key] for r in results])
             merged[key] = self._gather_over_dp(self._broadcast_from_last_stage(value))
         return merged
 
@@ -244,7 +257,7 @@ class LensActor:
             extra["rollout_weights"] = rollout_weights[start:end]
         if ref_logprobs is not None:
             extra["ref_logprobs"] = ref_logprobs[start:end]
-        batches = self._micro_batches(tokens.slice(start, end), extra)
+        batches, _ = self._micro_batches(tokens.slice(start, end), extra)
 
         def policy_loss(logits, mb):
             out = self._kernel(logits, mb["targets"], mb["mask"], entropy=True)
@@ -283,7 +296,7 @@ class LensActor:
         n = tokens.input_ids.shape[0]
         start, end = self._dp_slice(n)
         total_tokens = tokens.target_mask.sum().clamp(min=1)
-        batches = self._micro_batches(tokens.slice(start, end), {})
+        batches, _ = self._micro_batches(tokens.slice(start, end), {})
 
         def nll(logits, mb):
             out = self._kernel(logits, mb["targets"], mb["mask"], entropy=False)

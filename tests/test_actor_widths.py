@@ -1,5 +1,6 @@
-"""Micro-batches are cut to the columns they need (through their last response token); the
-results must equal those of the full padded width, log-probs and the optimizer step alike."""
+"""Rows are grouped by length and micro-batches cut to the columns they need (through their
+last response token); the results must equal those of unsorted full-width micro-batches, per-row
+log-probs (back in the original order) and the optimizer step alike."""
 from __future__ import annotations
 
 import pytest
@@ -39,14 +40,14 @@ def width_worker(tmp_dir, cut):
     trainer = LensTrainer(cfg)
     actor = trainer.actor
     widths = []
-    if not cut:
-        actor._needed_width = lambda mask: mask.shape[1]
+    if not cut:   # every row "needs" the full width: original order, nothing cut
+        actor._needed_lengths = lambda mask: torch.full((mask.shape[0],), mask.shape[1])
     original = actor._micro_batches
 
     def spy(tokens, extra):
-        batches = original(tokens, extra)
+        batches, order = original(tokens, extra)
         widths.extend(mb["input_ids"].shape[1] for mb in batches)
-        return batches
+        return batches, order
 
     actor._micro_batches = spy
     tokens, _ = _ragged_batch()
@@ -66,8 +67,11 @@ def test_cut_micro_batches_equal_the_full_width(tmp_path):
     cut = run_in_processes(width_worker, 1, (str(tmp_path / "cut"), True))[0]
     full = run_in_processes(width_worker, 1, (str(tmp_path / "full"), False))[0]
     _, ends = _ragged_batch()
-    # the targets of position t are at t + 1: a row ending at `end` needs end - 1 columns
-    expected = [max(ends[i], ends[i + 1]) - 1 for i in range(0, len(ends), 2)]
+    # the targets of position t are at t + 1: a row ending at `end` needs end - 1 columns;
+    # sorted by that, pairs of rows share a micro-batch
+    needed = sorted(end - 1 for end in ends)
+    expected = [max(needed[i], needed[i + 1]) for i in range(0, len(needed), 2)]
+    assert expected == [4, 6, 8, 11]
     assert cut["widths"] == expected * 2, cut["widths"]      # log-probs pass, then training pass
     assert full["widths"] == [WIDTH] * 8
     assert cut["old"].shape == full["old"].shape == (8, WIDTH)
