@@ -41,7 +41,24 @@ def engine_logprobs(trainer) -> torch.Tensor:
     return trainer.engine.engine.prompt_logprobs([PROMPT], [CONTINUATION])[0]
 
 
-def sync_worker(tmp_dir, tp, vllm_tp, devices):
+def adapter_infer(trainer) -> dict:
+    """NeMo-Aligner's inference phase through the adapter, with vLLM generating: right-padded
+    prompts in, NeMo's rollout dict out, then the actor's log-probs of those responses."""
+    from lens_megatron.integrations.nemo_aligner import LensAlignerActor, nemo_response_mask
+
+    adapter = LensAlignerActor.from_trainer(trainer)
+    prompts = torch.tensor([PROMPT, PROMPT[:4] + [0, 0]])
+    lengths = torch.tensor([len(PROMPT), 4])
+    adapter.prepare_for_inference()
+    out = adapter.infer({"text": prompts, "length": lengths})
+    current = adapter.get_inference_log_probs(out["response_tokens"])
+    adapter.finish_inference()
+    mask = nemo_response_mask(out["prompt_lengths"], out["response_lengths"],
+                              out["response_tokens"].shape[1])
+    return {"prompts": prompts, "lengths": lengths, "out": out, "current": current, "mask": mask}
+
+
+def sync_worker(tmp_dir, tp, vllm_tp, devices, through_adapter=False):
     from lens_megatron.trainer import LensTrainer
 
     cfg = tiny_config(tmp_dir, *VLLM_TINY, f"model.tensor_model_parallel_size={tp}",
@@ -51,9 +68,10 @@ def sync_worker(tmp_dir, tp, vllm_tp, devices):
     before_actor, before_engine = actor_logprobs(trainer), engine_logprobs(trainer)
     metrics = trainer.train_step()  # generate with vLLM, train, sync
     after_actor, after_engine = actor_logprobs(trainer), engine_logprobs(trainer)
+    adapter = adapter_infer(trainer) if through_adapter else None
     trainer.close()
     return {"before": (before_actor, before_engine), "after": (after_actor, after_engine),
-            "metrics": metrics}
+            "metrics": metrics, "adapter": adapter}
 
 
 def _check(result):
@@ -70,7 +88,20 @@ def _check(result):
 
 
 def test_vllm_rollout_and_weight_sync_single_process(tmp_path):
-    _check(run_in_processes(sync_worker, 1, (str(tmp_path), 1, 1, 1), timeout=600)[0])
+    result = run_in_processes(sync_worker, 1, (str(tmp_path), 1, 1, 1, True), timeout=600)[0]
+    _check(result)
+    # The NeMo-Aligner adapter's infer() generates with vLLM; its sampling log-probs agree
+    # with the actor's recomputation on the response positions.
+    a = result["adapter"]
+    out, mask = a["out"], a["mask"]
+    for row, (prompt, n) in enumerate(zip(a["prompts"], a["lengths"])):
+        assert out["response_tokens"][row, :n].tolist() == prompt[:n].tolist()
+    assert out["prompt_lengths"].tolist() == a["lengths"].tolist()
+    assert (out["response_lengths"] > out["prompt_lengths"]).all()
+    assert mask.sum() == (out["response_lengths"] - out["prompt_lengths"]).sum()
+    assert a["current"].shape == out["logprobs"].shape == mask.shape
+    on = mask > 0
+    torch.testing.assert_close(out["logprobs"][on], a["current"][on], rtol=0, atol=1e-3)
 
 
 def test_vllm_colocated_with_tp2_training_and_one_replica_per_rank(tmp_path):
