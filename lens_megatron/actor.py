@@ -168,7 +168,7 @@ class LensActor:
         groups = [order[s:s + mbs] for s in range(0, n, mbs)]
         widths = []
         for rows in groups:
-            width = max(1, int(lengths[rows].max())) if len(rows) else 1
+            width = max(1, int(lengths[rows].max()))
             widths.append(min(full, -(-width // self.pad_multiple) * self.pad_multiple))
         if _ps().get_pipeline_model_parallel_world_size() > 1 and widths:
             widths = [max(widths)] * len(widths)

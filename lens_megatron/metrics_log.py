@@ -93,11 +93,23 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+def _row_step(line: str) -> Optional[int]:
+    """The step of one metrics line; None for a line a crash cut short (not valid JSON)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
 def _start_history(path: str, start_step: int) -> Optional[str]:
-    """Make ``path`` hold only rows up to ``start_step``; returns where an earlier file went."""
+    """Make ``path`` hold only rows up to ``start_step``; returns where an earlier file went.
+    A line cut short by a crash counts as past the checkpoint: set aside, not kept."""
     if not os.path.exists(path):
         return None
-    if start_step > 0 and all(row.get("step", 0) <= start_step for row in read_metrics(path)):
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    steps = [_row_step(line) for line in lines]
+    if start_step > 0 and all(s is not None and s <= start_step for s in steps):
         return None  # a clean resume: keep appending
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     aside = os.path.join(os.path.dirname(path), f"metrics.{stamp}.jsonl")
@@ -108,10 +120,10 @@ def _start_history(path: str, start_step: int) -> Optional[str]:
     os.replace(path, aside)
     if start_step > 0:
         tmp = path + ".tmp"
-        with open(aside, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
-            for line in src:
-                if line.strip() and json.loads(line).get("step", 0) <= start_step:
-                    dst.write(line)
+        with open(tmp, "w", encoding="utf-8") as dst:
+            dst.writelines(line if line.endswith("\n") else line + "\n"
+                           for line, step in zip(lines, steps)
+                           if step is not None and step <= start_step)
         os.replace(tmp, path)
     return aside
 

@@ -58,3 +58,14 @@ def test_disabled_ranks_touch_nothing(tmp_path):
     log.log(1, {"loss": 0.0})
     assert log.set_aside is None
     assert [r["run"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["old"] * 3
+
+
+def test_a_line_cut_short_by_a_crash_does_not_stop_the_resume(tmp_path):
+    _write(tmp_path / "metrics.jsonl", [1, 2, 3], "before-crash")
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 4, "loss": 0.')                   # killed mid-write
+    log = _logger(tmp_path, start_step=3)
+    log.log(4, {"loss": 2.0})
+    assert [(r["step"], r.get("loss")) for r in read_metrics(log.path)] == [
+        (1, None), (2, None), (3, None), (4, 2.0)]
+    assert open(log.set_aside, encoding="utf-8").read().endswith('"loss": 0.')
