@@ -36,6 +36,7 @@ from .config import LensTrainConfig
 from .models.builder import build_model_chunks
 from .optimizer import TrainingModel, optimizer_step, setup_training, zero_grads
 from .parallel import cpu_mode
+from .parallel.device import module_device, to_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,9 +90,12 @@ class LensActor:
 
             load_model_checkpoint(chunks, m.load)
         self.training: TrainingModel = setup_training(chunks, m, cfg.optim, total_optimizer_steps)
+        # The model's device: every micro-batch, buffer and collective of the actor lives here
+        # (parallel/device.py); row planning stays on the host.
+        self.device = module_device(chunks)
         self.loss_fn = ClippedPolicyLoss(cfg.loss.loss_config())
         self.temperature = cfg.rollout.temperature
-        self.pad_multiple = m.tensor_model_parallel_size if m.sequence_parallel else 1
+        self.pad_multiple = m.sequence_multiple()
         self.reference_chunks = None
         if cfg.loss.kl_coef > 0:  # a frozen copy of the initial policy, only when needed
             self.reference_chunks = build_model_chunks(
@@ -132,7 +136,7 @@ class LensActor:
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             ids = mb["input_ids"]
-            positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+            positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
             logits = model(ids, positions, None)
             return logits, lambda out: loss_for_batch(out, mb)
 
@@ -178,9 +182,9 @@ class LensActor:
                   "targets": tokens.targets[rows, :width],
                   "mask": tokens.target_mask[rows, :width]}
             for key, value in extra.items():
-                picked = value[rows]
+                picked = value[rows.to(value.device)]
                 mb[key] = picked[:, :width] if picked.dim() >= 2 and picked.shape[1] == full else picked
-            out.append(mb)
+            out.append(to_device(mb, self.device))  # the one host -> device move of this path
         return out, order
 
     @staticmethod
@@ -217,9 +221,9 @@ class LensActor:
         shape = tuple(local.input_ids.shape)
         merged = {}
         for key in keys:
-            value = torch.zeros(shape)
+            value = torch.zeros(shape, device=self.device)
             if results:  # the last pipeline stage: rows back in their original order
-                value[order] = torch.cat([r[key] for r in results])
+                value[order.to(self.device)] = torch.cat([r[key] for r in results])
             merged[key] = self._gather_over_dp(self._broadcast_from_last_stage(value))
         return merged
 
@@ -322,7 +326,7 @@ class LensActor:
                                        group=ps.get_pipeline_model_parallel_group())
             summed = box[0]
         keys = sorted(summed)
-        values = torch.tensor([summed[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([summed[k] for k in keys], dtype=torch.float64, device=self.device)
         if self.dp_size > 1:
             dist.all_reduce(values, group=ps.get_data_parallel_group())
         return {k: float(v) if k == "loss" else float(v) / (num_micro_batches * self.dp_size)

@@ -25,6 +25,10 @@ from .algorithms.rollout_correction import RolloutCorrectionConfig
 from .models.arch import ModelArch, ParallelLayout, Precision, RopeScaling
 
 
+# Transformer Engine's FP8 GEMMs need every dimension a multiple of 16 (tokens included).
+FP8_TOKEN_MULTIPLE = 16
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and how to fix it."""
 
@@ -80,6 +84,13 @@ class ModelConfig:
 
     def precision_config(self) -> Precision:
         return Precision(params=self.precision, fp8=self.fp8, fp8_recipe=self.fp8_recipe)
+
+    def sequence_multiple(self) -> int:
+        """Every micro-batch's sequence width is padded to a multiple of this: TP under
+        sequence parallelism (each rank holds 1/TP of the sequence), times 16 with FP8
+        (Transformer Engine's FP8 GEMMs need token counts that are multiples of 16)."""
+        sp = self.tensor_model_parallel_size if self.sequence_parallel else 1
+        return sp * (FP8_TOKEN_MULTIPLE if self.fp8 is not None else 1)
 
 
 @dataclass
@@ -344,6 +355,7 @@ def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> Non
                "FP8 needs transformer_impl: transformer_engine (or auto)")
         _check(m.precision in ("bf16", "fp16"), "model.precision",
                "FP8 training keeps bf16/fp16 master weights; set model.precision: bf16")
+        _validate_fp8_shapes(m)
     if m.transformer_impl == "transformer_engine":
         _check(te, "model.transformer_impl", TE_INSTALL_HINT)
     # The actor feeds every rank whole sequences; context parallelism would need them split
@@ -358,6 +370,21 @@ def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> Non
     if a.rope_scaling is not None:
         _check(a.rope_scaling.high_freq_factor > a.rope_scaling.low_freq_factor,
                "model.arch.rope_scaling", "high_freq_factor must exceed low_freq_factor")
+
+
+def _validate_fp8_shapes(m: ModelConfig) -> None:
+    """FP8 GEMMs (TE) need multiples of 16 in every dimension: the per-rank weight shapes are
+    checked here; token counts are padded to it by the actor (``sequence_multiple``)."""
+    a, tp, k = m.arch, m.tensor_model_parallel_size, FP8_TOKEN_MULTIPLE
+    shapes = {"model.arch.hidden_size": a.hidden_size,
+              "model.arch.ffn_hidden_size": a.ffn_hidden_size // tp,
+              "model.arch.num_attention_heads": a.num_attention_heads // tp * a.head_dim,
+              "model.arch.num_query_groups": a.num_query_groups // tp * a.head_dim}
+    for key, size in shapes.items():
+        _check(size % k == 0, key,
+               f"FP8 needs per-rank GEMM sizes that are multiples of {k}, but this gives {size} "
+               f"(at TP={tp}); choose a size (or TP) that makes it a multiple of {k}, or set "
+               "model.fp8: null")
 
 
 def _validate_rollout(r: RolloutConfig, environment: bool = True) -> None:

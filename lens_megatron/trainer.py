@@ -31,7 +31,9 @@ from .checkpoint.training_state import (
 from .config import LensTrainConfig, to_yaml
 from .data.prompt_source import PromptSource
 from .metrics_log import MetricsLogger
+from .models.layer_spec import resolve_transformer_impl
 from .parallel.collectives import is_model_parallel_leader
+from .parallel.device import to_device
 from .rollout.base import RolloutBatch, SamplingConfig, concat_batches
 from .rollout.factory import build_engine
 from .rollout.mismatch import logprob_mismatch
@@ -63,6 +65,26 @@ def _confidence_by_group_kind(diag) -> dict[str, float]:
         out[f"confidence/wrong_in_{name}_groups"] = (
             float(conf[chosen].mean()) if bool(chosen.any()) else float("nan"))
     return out
+
+
+@dataclasses.dataclass
+class StepTensors:
+    """The step's per-token and per-sequence tensors on the model's device, moved once.
+
+    ``mask`` and ``sampling_logprobs`` are in token coordinates (``TokenBatch``: position t
+    predicts token t + 1), as wide as the token batch."""
+
+    mask: torch.Tensor  # [N, S] bool
+    sampling_logprobs: torch.Tensor  # [N, S] float32, the engine's log-probs
+    rewards: torch.Tensor  # [N] float32
+
+    @classmethod
+    def move(cls, tokens: TokenBatch, batch: RolloutBatch, rewards: torch.Tensor,
+             device: torch.device) -> "StepTensors":
+        sampled = torch.zeros(tokens.target_mask.shape, dtype=torch.float32)
+        width = batch.sampling_logprobs.shape[1]
+        sampled[:, : width - 1] = batch.sampling_logprobs[:, 1:]
+        return cls(*to_device((tokens.target_mask, sampled, rewards), device))
 
 
 class LensTrainer:
@@ -101,7 +123,7 @@ class LensTrainer:
         if dist.get_rank() == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(to_yaml(self.cfg))
+                f.write(to_yaml(self.resolved_config()))
         metrics: dict = {}
         try:
             while self.step < self.cfg.trainer.max_steps:
@@ -131,6 +153,12 @@ class LensTrainer:
             log.close()
         return metrics
 
+    def resolved_config(self) -> LensTrainConfig:
+        """The config as run: ``model.transformer_impl: auto`` replaced by what it chose."""
+        impl = resolve_transformer_impl(self.cfg.model.transformer_impl)
+        return dataclasses.replace(
+            self.cfg, model=dataclasses.replace(self.cfg.model, transformer_impl=impl))
+
     def _maybe_evaluate(self) -> dict[str, float]:
         every = self.cfg.trainer.eval_every
         if every <= 0 or self.step % every or not self.prompts.eval_records:
@@ -154,27 +182,29 @@ class LensTrainer:
         start = time.perf_counter()
         prompts = self.prompts.next_batch()
         batch, rewards, reward_counts = self._rollout_and_score(prompts, timings)
+        # Host: the token batch the actor plans micro-batches from. Device: the step's
+        # per-token math (one move, here), next to the log-probs the actor returns there.
         tokens = TokenBatch.from_rollout(batch.input_ids, batch.response_mask,
                                          self.actor.pad_multiple)
+        step = StepTensors.move(tokens, batch, rewards, self.actor.device)
         t0 = time.perf_counter()
         old = self.actor.compute_logprobs(tokens, entropy=False)["token_logprobs"]
-        self._check_finite(old, tokens.target_mask, "old-policy log-probs")
+        self._check_finite(old, step.mask, "old-policy log-probs")
         ref = (self.actor.compute_logprobs(tokens, reference=True)["token_logprobs"]
                if cfg.loss.kl_coef > 0 else None)
         timings["time/old_logprobs_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        lengths = tokens.target_mask.sum(1)
         advantages, diag = compute_advantages_with_diagnostics(
-            rewards, (old * tokens.target_mask).sum(1), lengths, batch.group_size, cfg.lens)
+            step.rewards, (old * step.mask).sum(1), step.mask.sum(1), batch.group_size, cfg.lens)
         timings["time/lens_stage_s"] = time.perf_counter() - t0
 
-        weights, mismatch, keep = self._rollout_weights(batch, old, tokens.target_mask)
+        weights, mismatch, keep = self._rollout_weights(step, old)
         train_tokens = tokens if keep is None else dataclasses.replace(
-            tokens, target_mask=tokens.target_mask & keep.unsqueeze(1))
+            tokens, target_mask=tokens.target_mask & keep.cpu().unsqueeze(1))
         train_metrics = self._updates(train_tokens, old, advantages, weights, ref, timings)
         if cfg.trainer.measure_update_effect:
-            train_metrics.update(self._update_effect(tokens, old, diag))
+            train_metrics.update(self._update_effect(tokens, step.mask, old, diag))
         t0 = time.perf_counter()
         timings.update({f"time/{k}": v for k, v in self.engine.sync_weights().items()})
         timings["time/weight_sync_s"] = time.perf_counter() - t0
@@ -182,7 +212,7 @@ class LensTrainer:
         return self._step_metrics(batch, rewards, reward_counts, advantages, diag, mismatch,
                                   train_metrics, timings)
 
-    def _update_effect(self, tokens, old, diag) -> dict[str, float]:
+    def _update_effect(self, tokens, mask, old, diag) -> dict[str, float]:
         """How this step's own update moved the per-token log-prob (log p̄) of its samples:
         in negative groups for the most and the least confident wrong answer of each group
         (LENS pushes the former down and, its advantages being zero-mean, the latter up),
@@ -190,11 +220,10 @@ class LensTrainer:
         from .algorithms.advantages import GROUP_MIXED, GROUP_NEGATIVE
 
         new = self.actor.compute_logprobs(tokens)["token_logprobs"]
-        mask = tokens.target_mask
         delta = ((new - old) * mask).sum(1) / mask.sum(1).clamp(min=1)
         delta = delta.view(diag.rewards.shape).double()
         negative = diag.group_kind == GROUP_NEGATIVE
-        rows = torch.arange(delta.shape[0])
+        rows = torch.arange(delta.shape[0], device=delta.device)
         most = delta[rows, diag.confidence.argmax(1)][negative]
         least = delta[rows, diag.confidence.argmin(1)][negative]
         wrong, mixed = diag.rewards < 1.0, (diag.group_kind == GROUP_MIXED).unsqueeze(1)
@@ -255,13 +284,11 @@ class LensTrainer:
                                   lambda r: self.prompts.tokenize(r).token_ids, records, samples,
                                   self.cfg.rollout, seed=seed)
 
-    def _rollout_weights(self, batch: RolloutBatch, old, mask):
+    def _rollout_weights(self, step: "StepTensors", old):
         """Engine↔trainer mismatch: metrics always; per-token correction weights when
         ``loss.rollout_correction`` is set; a keep-mask over sequences when
         ``rollout.mismatch_mask_threshold`` is (masked sequences leave the loss, counted)."""
-        sampled = torch.zeros_like(old)  # token coordinates (old may be padded wider)
-        width = batch.sampling_logprobs.shape[1]
-        sampled[:, : width - 1] = batch.sampling_logprobs[:, 1:]
+        sampled, mask = step.sampling_logprobs, step.mask
         correction = self.cfg.loss.correction_config()
         weights, metrics = rollout_correction_weights(old, sampled, mask, correction)
         out = {f"rollout_correction/{k}": float(v) for k, v in metrics.items()}
@@ -314,6 +341,8 @@ class LensTrainer:
             "advantage/abs_mean": float(advantages.abs().mean()),
             "throughput/tokens_per_s": tokens / max(timings["time/step_s"], 1e-9),
             "data/truncated_prompts": float(self.prompts.truncated_prompts),
+            "setup/transformer_engine": float(
+                resolve_transformer_impl(self.cfg.model.transformer_impl) == "transformer_engine"),
         }
         out.update(diag.as_dict(prefix="groups/"))
         out.update(_confidence_by_group_kind(diag))

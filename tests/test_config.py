@@ -126,3 +126,28 @@ def test_readme_documents_every_config_key():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     missing = [k for k in _config_keys(LensTrainConfig) if f"`{k}`" not in readme]
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_fp8_shapes_and_token_multiple():
+    """FP8 (TE) needs multiples of 16: per-rank GEMM sizes are checked at config time, and the
+    actor pads every micro-batch's width to ``sequence_multiple`` (×TP under SP)."""
+    from lens_megatron.config import ConfigError, load_config
+
+    fp8 = ["model.fp8=hybrid", "model.precision=bf16", "model.transformer_impl=transformer_engine",
+           "model.arch.hidden_size=256", "model.arch.ffn_hidden_size=512",
+           "model.arch.num_attention_heads=4", "model.arch.num_query_groups=2",
+           "data.task=arithmetic"]
+    cfg = load_config(overrides=fp8, environment=False)
+    assert cfg.model.sequence_multiple() == 16
+    cfg = load_config(overrides=fp8 + ["model.tensor_model_parallel_size=2",
+                                       "model.sequence_parallel=true", "trainer.devices=2",
+                                       "model.micro_batch_size=4"], environment=False)
+    assert cfg.model.sequence_multiple() == 32
+    with pytest.raises(ConfigError, match=r"model\.arch\.ffn_hidden_size.*multiples of 16"):
+        load_config(overrides=fp8 + ["model.arch.ffn_hidden_size=520"], environment=False)
+    with pytest.raises(ConfigError, match=r"model\.arch\.hidden_size"):
+        load_config(overrides=fp8 + ["model.arch.hidden_size=264",
+                                     "model.arch.num_attention_heads=2",
+                                     "model.arch.num_query_groups=2"], environment=False)
+    plain = load_config(overrides=["data.task=arithmetic"], environment=False)
+    assert plain.model.sequence_multiple() == 1
