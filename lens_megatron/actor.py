@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from .algorithms.loss import ClippedPolicyLoss
 from .config import LensTrainConfig
+from .metric_reduction import reduce_metrics
 from .models.builder import build_model_chunks
 from .optimizer import TrainingModel, optimizer_step, setup_training, zero_grads
 from .parallel import cpu_mode
@@ -277,22 +278,35 @@ class LensActor:
         zero_grads(self.training)
         start = time.perf_counter()
         results = self._run_schedule(self.chunks, batches, policy_loss, forward_only=False)
-        metrics = self._reduce_metrics(results, len(batches))
+        metrics = self._reduce_metrics(results)
         metrics["time_fwd_bwd_s"] = time.perf_counter() - start
         if not math.isfinite(metrics["loss"]):
             zero_grads(self.training)
             raise NonFiniteLossError(
                 f"non-finite loss ({metrics['loss']}) — the log-probs or advantages contain "
-                "NaN/inf; the optimizer step was skipped and no weights changed")
+                "NaN/inf; this optimizer update was skipped and no weights changed")
         start = time.perf_counter()
-        ok, grad_norm, _ = optimizer_step(self.training)
+        metrics.update(self._apply_update())
         metrics["time_optimizer_s"] = time.perf_counter() - start
-        if not ok or not math.isfinite(grad_norm):
-            zero_grads(self.training)
-            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}); step skipped")
-        metrics["grad_norm"] = grad_norm
-        metrics["lr"] = float(self.training.optimizer.param_groups[0]["lr"])
         return metrics
+
+    def _apply_update(self) -> dict[str, float]:
+        """The optimizer step after a finite loss. An fp16 loss-scale overflow is a normal
+        skipped update (counted, no weight changed); a non-finite gradient norm raises
+        :class:`NonFiniteLossError` — refused before any weight changed either way."""
+        outcome = optimizer_step(self.training)
+        if outcome.skipped == "nonfinite_grad":
+            zero_grads(self.training)
+            raise NonFiniteLossError(f"non-finite gradient norm ({outcome.grad_norm}); this "
+                                     "optimizer update was skipped and no weights changed")
+        out = {"overflow_skipped_updates": float(outcome.skipped == "overflow"),
+               "applied_updates": float(outcome.updated),
+               "lr": float(self.training.optimizer.param_groups[0]["lr"])}
+        if outcome.updated:
+            out["grad_norm"] = outcome.grad_norm
+        if self.precision.params == "fp16":
+            out["loss_scale"] = outcome.loss_scale
+        return out
 
     def sft_step(self, tokens: TokenBatch) -> dict[str, float]:
         """One supervised step: maximise the log-likelihood of the masked target tokens
@@ -305,29 +319,27 @@ class LensActor:
         def nll(logits, mb):
             out = self._kernel(logits, mb["targets"], mb["mask"], entropy=False)
             loss = -out.token_logprobs.sum() / total_tokens
-            return loss, torch.zeros((), dtype=torch.int), {"loss": loss.detach().float()}
+            return loss, torch.zeros((), dtype=torch.int), {"loss": loss.detach().float(),
+                                                             "num_tokens": out.num_tokens.sum()}
 
         zero_grads(self.training)
         results = self._run_schedule(self.chunks, batches, nll, forward_only=False)
-        metrics = self._reduce_metrics(results, len(batches))
-        ok, grad_norm, _ = optimizer_step(self.training)
-        metrics["grad_norm"] = grad_norm
+        metrics = self._reduce_metrics(results)
+        metrics.update(self._apply_update())
         return metrics
 
-    def _reduce_metrics(self, results: list, num_micro_batches: int) -> dict[str, float]:
-        """Loss summed over micro-batches and DP ranks; other metrics averaged; all ranks."""
+    def _reduce_metrics(self, results: list) -> dict[str, float]:
+        """Micro-batch metrics reduced by their own rules (``metric_reduction``: counts and the
+        loss summed, maxima maxed, token means weighted) over micro-batches and DP ranks, on
+        the last pipeline stage, then shared with the other stages; every rank returns them."""
         ps = _ps()
-        summed = None
-        if results:
-            summed = {k: float(sum(r[k].double() for r in results)) for k in results[0]}
+        reduced = None
+        if results:  # the last pipeline stage
+            reduced = reduce_metrics(results, sorted(results[0]), self.device,
+                                     group=ps.get_data_parallel_group() if self.dp_size > 1 else None)
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            box = [summed]
+            box = [reduced]
             dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
                                        group=ps.get_pipeline_model_parallel_group())
-            summed = box[0]
-        keys = sorted(summed)
-        values = torch.tensor([summed[k] for k in keys], dtype=torch.float64, device=self.device)
-        if self.dp_size > 1:
-            dist.all_reduce(values, group=ps.get_data_parallel_group())
-        return {k: float(v) if k == "loss" else float(v) / (num_micro_batches * self.dp_size)
-                for k, v in zip(keys, values)}
+            reduced = box[0]
+        return reduced

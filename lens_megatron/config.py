@@ -131,6 +131,9 @@ class OptimConfig:
     lr_decay_style: str = "constant"  # constant | linear | cosine
     use_distributed_optimizer: bool = True
     updates_per_rollout: int = 1  # optimizer steps per rollout batch (paper: up to 4)
+    # fp16 only: the dynamic loss scaler's first scale (megatron's default 2^32; the first
+    # steps overflow by design and are skipped, counted in train/overflow_skipped_updates)
+    initial_loss_scale: float = 2.0**32
 
 
 @dataclass
@@ -287,6 +290,12 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
                           "compare within a group; set rollout.group_size >= 2")
     dp = world // (cfg.model.tensor_model_parallel_size * cfg.model.pipeline_model_parallel_size
                    * cfg.model.context_parallel_size)
+    generators = dp if cfg.rollout.engine == "megatron" else world // cfg.rollout.vllm.tensor_parallel_size
+    _check(cfg.rollout.prompts_per_step >= generators, "rollout.prompts_per_step",
+           f"the prompts of a step are shared out over {generators} generating replicas (the "
+           "native sampler's data-parallel ranks, or vLLM's world / rollout.vllm.tensor_parallel_size"
+           f") in shares differing by at most one; {cfg.rollout.prompts_per_step} prompts would "
+           "leave a replica idle — use at least that many prompts per step")
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     per_update = batch // max(1, cfg.optim.updates_per_rollout)
     _check(batch % cfg.optim.updates_per_rollout == 0, "optim.updates_per_rollout",
@@ -408,6 +417,8 @@ def _validate_optim(o: OptimConfig) -> None:
     _check(o.lr >= 0, "optim.lr", "must be >= 0")
     _check(o.updates_per_rollout >= 1, "optim.updates_per_rollout", "must be >= 1")
     _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    _check(o.initial_loss_scale >= 1, "optim.initial_loss_scale",
+           "must be >= 1 (fp16 dynamic loss scaling starts there and halves on overflow)")
     _one_of(o.lr_decay_style, "optim.lr_decay_style", ("constant", "linear", "cosine"))
 
 

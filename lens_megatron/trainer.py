@@ -30,6 +30,7 @@ from .checkpoint.training_state import (
 )
 from .config import LensTrainConfig, to_yaml
 from .data.prompt_source import PromptSource
+from .metric_reduction import combine_updates
 from .metrics_log import MetricsLogger
 from .models.layer_spec import resolve_transformer_impl
 from .parallel.collectives import is_model_parallel_leader
@@ -105,7 +106,8 @@ class LensTrainer:
         self.ckpt_root = checkpoint_root(cfg.exp_manager.exp_dir, cfg.exp_manager.name)
         self.step = 0
         self.totals = {"negative_groups_with_gradient": 0.0, "reward_timeouts": 0.0,
-                       "reward_parse_failures": 0.0, "reward_errors": 0.0}
+                       "reward_parse_failures": 0.0, "reward_errors": 0.0,
+                       "nonfinite_steps": 0.0, "overflow_skipped_updates": 0.0}
 
     # ---------------------------------------------------------------- run
     def run(self, stop_requested=None) -> dict:
@@ -127,14 +129,15 @@ class LensTrainer:
         metrics: dict = {}
         try:
             while self.step < self.cfg.trainer.max_steps:
-                finite = True
                 try:
                     metrics = self.train_step()
-                except NonFiniteLossError as exc:
-                    if self.cfg.trainer.stall_steps == 0:
-                        raise
+                    finite = metrics.get("train/nonfinite_updates", 0.0) == 0
+                except NonFiniteLossError as exc:  # no weight changed in this step
                     finite, metrics = False, {"skipped/non_finite": 1.0}
-                    log.message(f"step {self.step + 1}: {exc}")
+                    log.message(f"step {self.step + 1} skipped: {exc}")
+                if not finite:
+                    self.totals["nonfinite_steps"] += 1
+                metrics["total/nonfinite_steps"] = self.totals["nonfinite_steps"]
                 self.step += 1
                 metrics.update(self._maybe_evaluate())
                 log.log(self.step, metrics)
@@ -206,7 +209,8 @@ class LensTrainer:
         if cfg.trainer.measure_update_effect:
             train_metrics.update(self._update_effect(tokens, step.mask, old, diag))
         t0 = time.perf_counter()
-        timings.update({f"time/{k}": v for k, v in self.engine.sync_weights().items()})
+        if train_metrics["train/applied_updates"] > 0:  # else no weight changed: nothing to sync
+            timings.update({f"time/{k}": v for k, v in self.engine.sync_weights().items()})
         timings["time/weight_sync_s"] = time.perf_counter() - t0
         timings["time/step_s"] = time.perf_counter() - start
         return self._step_metrics(batch, rewards, reward_counts, advantages, diag, mismatch,
@@ -242,8 +246,10 @@ class LensTrainer:
         layout = getattr(self.engine, "layout", None)
         if layout is not None:
             return layout.shard(n), layout.replica_index, layout.tp_rank == 0
-        dp_rank, per_rank = self.actor.dp_rank, n // self.actor.dp_size
-        return (slice(dp_rank * per_rank, (dp_rank + 1) * per_rank), dp_rank,
+        dp_rank, dp_size = self.actor.dp_rank, self.actor.dp_size
+        base, extra = divmod(n, dp_size)  # contiguous shards, sizes differing by at most one
+        start = dp_rank * base + min(dp_rank, extra)
+        return (slice(start, start + base + (dp_rank < extra)), dp_rank,
                 is_model_parallel_leader())
 
     def _rollout_and_score(self, prompts, timings):
@@ -299,22 +305,43 @@ class LensTrainer:
         return (None if correction.rollout_correction == "none" else weights), out, keep
 
     def _updates(self, tokens, old, advantages, weights, ref, timings) -> dict[str, float]:
+        """``optim.updates_per_rollout`` optimizer updates on consecutive slices of the batch.
+
+        An update whose loss or gradient is not finite is skipped (no weight changes for it)
+        and the others still run; ``train/nonfinite_updates`` counts the skipped ones and
+        ``train/applied_updates`` the rest, so the weight sync after the updates runs exactly
+        when some update changed the weights. If none did, :class:`NonFiniteLossError` says so.
+        """
         cfg = self.cfg
         n = tokens.input_ids.shape[0]
-        per_update = n // cfg.optim.updates_per_rollout
-        t0, collected = time.perf_counter(), []
-        for u in range(cfg.optim.updates_per_rollout):
+        total = cfg.optim.updates_per_rollout
+        per_update = n // total
+        t0, collected, failures = time.perf_counter(), [], []
+        for u in range(total):
             lo, hi = u * per_update, (u + 1) * per_update
             part = tokens.slice(lo, hi)
             normalizer = compute_global_normalizer([part.target_mask], cfg.loss.normalization)
-            collected.append(self.actor.train_step(
-                part, old[lo:hi], advantages[lo:hi], normalizer,
-                rollout_weights=None if weights is None else weights[lo:hi],
-                ref_logprobs=None if ref is None else ref[lo:hi]))
+            try:
+                collected.append(self.actor.train_step(
+                    part, old[lo:hi], advantages[lo:hi], normalizer,
+                    rollout_weights=None if weights is None else weights[lo:hi],
+                    ref_logprobs=None if ref is None else ref[lo:hi]))
+            except NonFiniteLossError as exc:
+                failures.append(f"update {u + 1}/{total}: {exc}")
         timings["time/train_s"] = time.perf_counter() - t0
+        applied = sum(c["applied_updates"] for c in collected)
+        if failures and applied == 0:
+            raise NonFiniteLossError("; ".join(failures) + " — no update of this step changed "
+                                     "the weights")
+        for message in failures:
+            logger.warning("step %d %s (the step's other updates were applied: %d of %d; "
+                           "the rollout engine is synced to them)", self.step + 1, message,
+                           int(applied), total)
         for key in ("time_fwd_bwd_s", "time_optimizer_s"):  # summed over the updates
             timings[f"time/{key[5:]}"] = sum(c.pop(key) for c in collected)
-        return {f"train/{k}": sum(c[k] for c in collected) / len(collected) for k in collected[0]}
+        metrics = combine_updates(collected)
+        metrics["nonfinite_updates"] = float(len(failures))
+        return {f"train/{k}": v for k, v in metrics.items()}
 
     @staticmethod
     def _check_finite(values, mask, what: str) -> None:
@@ -328,6 +355,8 @@ class LensTrainer:
                       train_metrics, timings) -> dict[str, float]:
         signal = learning_signal(rewards, advantages, batch.group_size, batch.response_lengths)
         self.totals["negative_groups_with_gradient"] += signal.negative_groups_with_gradient
+        self.totals["overflow_skipped_updates"] += train_metrics.get(
+            "train/overflow_skipped_updates", 0.0)
         for key in ("timeouts", "parse_failures", "errors"):
             self.totals[f"reward_{key}"] += reward_counts.get(key, 0)
         correct = rewards >= 1.0
@@ -380,6 +409,9 @@ class LensTrainer:
         self.prompts.load_state_dict(state["data"])
         self.guard.load_state_dict(state["guard"])
         self.totals.update(state["totals"])
+        # The engine was built from the initial weights: give it the checkpoint's (a no-op for
+        # the native sampler, which reads the actor's own parameters).
+        self.engine.sync_weights()
         if dist.get_rank() == 0:
             logger.info("resumed from %s at step %d", path, self.step)
         return path

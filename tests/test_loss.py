@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lens_megatron.algorithms.loss import ClippedPolicyLoss, LossConfig, compute_global_normalizer
-from lens_megatron.algorithms.signal import StallGuard, learning_signal
+from lens_megatron.algorithms.signal import learning_signal
 from lens_megatron.parallel.spawn import run_in_processes
 
 LN = math.log
@@ -221,20 +221,3 @@ def test_learning_signal_by_group_kind():
     assert not learning_signal(rewards, torch.zeros(10), 2).has_signal
     with pytest.raises(ValueError, match="not divisible"):
         learning_signal(rewards, adv, 3)
-
-
-def test_stall_guard():
-    guard = StallGuard(stall_steps=2)
-    assert not guard.update(step_has_signal=False, loss_finite=True)
-    assert not guard.update(step_has_signal=True, loss_finite=True)  # signal resets the count
-    assert not guard.update(step_has_signal=False, loss_finite=True)
-    assert guard.update(step_has_signal=False, loss_finite=True)
-    assert "no learning signal for 2 consecutive steps" in guard.reason
-    restored = StallGuard(2)
-    restored.load_state_dict(guard.state_dict())
-    assert restored.steps_without_signal == 2
-    guard = StallGuard(stall_steps=0)  # 0 disables the stall check, not the finite check
-    assert not any(guard.update(False, True) for _ in range(10))
-    assert guard.update(True, loss_finite=False) and "not finite" in guard.reason
-    with pytest.raises(ValueError, match="stall_steps"):
-        StallGuard(-1)

@@ -274,3 +274,56 @@ def test_several_off_policy_updates_per_rollout(tmp_path):
     optimizer_steps, metrics = run_in_processes(off_policy_worker, 1, (str(tmp_path),))[0]
     assert optimizer_steps == 2
     assert metrics["train/ratio_max"] > 1.0 or metrics["train/approx_kl"] > 0.0
+
+
+# ----------------------------------------------------------------------------- DP edge cases
+def dp_metrics_worker(tmp_dir, devices, prompts, updates=2):
+    from lens_megatron.trainer import LensTrainer
+
+    cfg = tiny_config(tmp_dir, f"rollout.prompts_per_step={prompts}",
+                      f"optim.updates_per_rollout={updates}",
+                      "model.micro_batch_size=2", "model.init_seed=3", "optim.lr=0.05",
+                      "optim.adam_eps=1.0", "rollout.kv_cache=true", devices=devices)
+    init_for(cfg)
+    trainer = LensTrainer(cfg)
+    seen = {}
+    original = trainer._rollout_and_score
+
+    def spy(prompt_batch, timings):
+        out = original(prompt_batch, timings)
+        seen["ids"] = out[0].input_ids.clone()
+        return out
+
+    trainer._rollout_and_score = spy
+    metrics = trainer.train_step()
+    trainer.close()
+    keep = {k: v for k, v in metrics.items() if k.startswith(("train/", "reward/", "groups/"))
+            and not k.startswith("train/time")}
+    return {"metrics": keep, "ids": seen["ids"]}
+
+
+def test_dp_metrics_reduced_by_their_own_rule(tmp_path):
+    """DP=2 gives the one-process metrics: counts summed, maxima maxed, means token-weighted
+    (a plain mean of per-micro-batch maxima and fractions does not)."""
+    ref = run_in_processes(dp_metrics_worker, 1, (str(tmp_path / "one"), 1, 2))[0]
+    got = run_in_processes(dp_metrics_worker, 2, (str(tmp_path / "dp"), 2, 2))[0]
+    assert ref["metrics"]["train/ratio_max"] > ref["metrics"]["train/ratio_mean"]  # off-policy
+    for key, value in ref["metrics"].items():
+        assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert got["metrics"]["train/num_sequences"] == 2 * 4  # 2 prompts × G=4, both updates
+
+
+def test_prompts_not_a_multiple_of_dp_are_all_generated(tmp_path):
+    """3 prompts at DP=2: the ranks generate 2 + 1, nothing is dropped, and the batch is the
+    one-process batch token for token."""
+    ref = run_in_processes(dp_metrics_worker, 1, (str(tmp_path / "one"), 1, 3, 1))[0]
+    got = run_in_processes(dp_metrics_worker, 2, (str(tmp_path / "dp"), 2, 3, 1))[0]
+    assert ref["ids"].shape[0] == 3 * 4 and torch.equal(got["ids"], ref["ids"])
+
+
+def test_too_few_prompts_for_the_replicas_is_a_config_error(tmp_path):
+    from lens_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.prompts_per_step.*2 generating replicas"):
+        tiny_config(str(tmp_path), "rollout.prompts_per_step=1", "model.micro_batch_size=1",
+                    devices=2)
