@@ -555,11 +555,11 @@ def test_uniform_weight_variants_reduce_to_grpo(batch):
 @settings(max_examples=60, deadline=None)
 @given(batches(min_g=2), st.data())
 def test_sampling_larger_ratio_mistakes_more_negative(batch, data):
-    r, s, n, g = batch
-    log_w = torch.tensor(data.draw(st.lists(st.floats(-30.0, 30.0), min_size=r.numel(), max_size=r.numel())),
-                         dtype=torch.float64)
-    adv = compute_advantages(r, s, n, g, SAMPLING, sampling_logprob_sums=s - log_w).view(-1, g)
-    lw = log_w.view(-1, g)
+    r, s, n, g = batch  # S <= 0; the engine's sums M <= 0 too (a log-probability sum)
+    sampled = torch.tensor(data.draw(st.lists(st.floats(-60.0, 0.0), min_size=r.numel(), max_size=r.numel())),
+                           dtype=torch.float64)
+    adv = compute_advantages(r, s, n, g, SAMPLING, sampling_logprob_sums=sampled).view(-1, g)
+    lw = (s - sampled).view(-1, g)  # log w = log pi_theta - log mu
     for grp in range(adv.shape[0]):
         wrong = (r.view(-1, g)[grp] == 0).nonzero().flatten().tolist()
         for i in wrong:
