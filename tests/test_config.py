@@ -96,7 +96,7 @@ def test_example_configs_are_valid(name):
     if name.startswith("qwen25_3b"):
         assert cfg.optim.lr == 1e-6 and cfg.model.arch.tie_word_embeddings
     if name != "tiny_cpu.yaml":
-        assert cfg.rollout.prompts_per_step * cfg.rollout.group_size == 512
+        assert cfg.rollout.prompts_per_step * cfg.rollout.group_size == 2048  # 4 updates × 512
         assert cfg.rollout.max_new_tokens == 4096 and cfg.optim.updates_per_rollout == 4
         assert cfg.lens.negative_group_weight == 0.25 and cfg.loss.kl_coef == 0.0
 
