@@ -285,10 +285,6 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
             ("dp_reshardable", "fully_reshardable"))
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 seconds")
     _check(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = in-process)")
-    _check(cfg.lens.preference_function != "sampling", "lens.preference",
-           "'sampling' (rho = mu, App. C) needs the rollout engine's per-response log-prob sums "
-           "in the advantage stage, which the trainer does not pass yet; use none, length or "
-           "policy here (compute_advantages(..., sampling_logprob_sums=...) takes them directly)")
     if cfg.rollout.group_size == 1:
         raise ConfigError("rollout.group_size: LENS/GRPO need G >= 2 samples per prompt to "
                           "compare within a group; set rollout.group_size >= 2")

@@ -198,8 +198,12 @@ class LensTrainer:
         timings["time/old_logprobs_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        # App. C's rho = mu needs the engine's own sequence log-probs (w = pi_theta / mu).
+        sampled_sums = ((step.sampling_logprobs * step.mask).sum(1)
+                        if cfg.lens.preference_function == "sampling" else None)
         advantages, diag = compute_advantages_with_diagnostics(
-            step.rewards, (old * step.mask).sum(1), step.mask.sum(1), batch.group_size, cfg.lens)
+            step.rewards, (old * step.mask).sum(1), step.mask.sum(1), batch.group_size, cfg.lens,
+            sampling_logprob_sums=sampled_sums)
         timings["time/lens_stage_s"] = time.perf_counter() - t0
 
         weights, mismatch, keep = self._rollout_weights(step, old)

@@ -327,3 +327,26 @@ def test_too_few_prompts_for_the_replicas_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="rollout.prompts_per_step.*2 generating replicas"):
         tiny_config(str(tmp_path), "rollout.prompts_per_step=1", "model.micro_batch_size=1",
                     devices=2)
+
+
+def preference_worker(tmp_dir, overrides):
+    from lens_megatron.trainer import LensTrainer
+
+    cfg = tiny_config(tmp_dir, "model.init_seed=3",
+                      "reward.judge=trainer_helpers:every_third_correct_judge", *overrides)
+    init_for(cfg)
+    trainer = LensTrainer(cfg)
+    force_boxed_answers(trainer)
+    metrics = trainer.train_step()
+    trainer.close()
+    return metrics
+
+
+def test_sampling_preference_gets_the_engine_logprobs(tmp_path):
+    """App. C's rho = mu in the trainer: the engine's sequence log-probs reach the advantage
+    stage. The native sampler samples from the trainer's own distribution (w = 1), so the
+    penalty is constant per group and the z-scored advantages are GRPO's."""
+    got = run_in_processes(preference_worker, 1, (str(tmp_path / "mu"), ["lens.preference=sampling"]))[0]
+    grpo = run_in_processes(preference_worker, 1, (str(tmp_path / "grpo"), ["lens.estimator=grpo"]))[0]
+    assert got["groups/mixed_group_ratio"] > 0
+    assert got["advantage/abs_mean"] == pytest.approx(grpo["advantage/abs_mean"], rel=1e-4)

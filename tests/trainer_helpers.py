@@ -74,3 +74,12 @@ def force_boxed_answers(trainer, text: str = "\\boxed{1}") -> None:
         return batch
 
     trainer.engine.generate = boxed
+
+
+_calls = {"n": 0}
+
+
+def every_third_correct_judge(predicted: str, gold: str) -> bool:
+    """Deterministic mixed groups: every third judged sample is right (in-process verifier)."""
+    _calls["n"] += 1
+    return _calls["n"] % 3 == 0
