@@ -1,8 +1,12 @@
-"""The demo's table and plot (from measured results only)."""
+"""The demo's table, verdict and plot (from measured results only)."""
 from __future__ import annotations
 
 import math
 import statistics
+from typing import Optional
+
+# A gain (or a GRPO-vs-LENS difference) is called real only beyond this many spreads.
+SPREADS = 2.0
 
 
 def _series(curve: list[dict], key: str) -> list[float]:
@@ -31,6 +35,91 @@ def _early_late(curve: list[dict], key: str) -> tuple[float, float]:
         return float("nan"), float("nan")
     quarter = max(1, len(values) // 4)
     return statistics.mean(values[:quarter]), statistics.mean(values[-quarter:])
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of ``values`` (sample std / sqrt(n)); nan below 2 values."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
+def _accuracies(num_correct: list[int], samples: int) -> list[float]:
+    return [c / samples for c in num_correct]
+
+
+def _mean_accuracy_per_problem(runs: list[dict]) -> list[float]:
+    """Per held-out problem, the sample accuracy averaged over the runs (seeds)."""
+    per_run = [_accuracies(r["num_correct"], r["samples"]) for r in runs]
+    return [statistics.mean(column) for column in zip(*per_run)]
+
+
+def learning_verdict(results: dict) -> dict[str, dict]:
+    """Per estimator: held-out pass@1 over seeds, its gain over the warm start, the seed
+    spread (sample std), the evaluation's standard error of the gain (paired over the same
+    problems, seeds averaged) and whether the gain exceeds both by ``SPREADS``× with every
+    seed above the warm start."""
+    detail = results["warm_start_detail"]
+    start_acc = _accuracies(detail["num_correct"], detail["samples"])
+    start = results["warm_start"]["eval/all/pass@1"]
+    out = {}
+    for est, runs in _by_estimator(results).items():
+        values = [r["eval"]["eval/all/pass@1"] for r in runs]
+        gain = statistics.mean(values) - start
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        diffs = [a - b for a, b in zip(_mean_accuracy_per_problem(runs), start_acc)]
+        eval_se = standard_error(diffs)
+        learned = all(v > start for v in values) and gain > SPREADS * eval_se and (
+            math.isnan(spread) or gain > SPREADS * spread)
+        out[est] = {"pass@1": values, "mean": statistics.mean(values), "gain": gain,
+                    "seed_sd": spread, "eval_se_of_gain": eval_se, "learned": learned}
+    return out
+
+
+def difference_verdict(results: dict) -> Optional[dict]:
+    """LENS minus GRPO held-out pass@1 (means over seeds), its spread (standard error of a
+    difference of seed means, and the paired evaluation standard error), and whether it is
+    claimed: beyond ``SPREADS``× both, with the two estimators' seed ranges not overlapping."""
+    groups = _by_estimator(results)
+    if not {"grpo", "lens"} <= set(groups):
+        return None
+    g = [r["eval"]["eval/all/pass@1"] for r in groups["grpo"]]
+    lens = [r["eval"]["eval/all/pass@1"] for r in groups["lens"]]
+    diff = statistics.mean(lens) - statistics.mean(g)
+    seed_se = (math.sqrt(statistics.variance(g) / len(g) + statistics.variance(lens) / len(lens))
+               if len(g) > 1 and len(lens) > 1 else float("nan"))
+    per_problem = [a - b for a, b in zip(_mean_accuracy_per_problem(groups["lens"]),
+                                         _mean_accuracy_per_problem(groups["grpo"]))]
+    eval_se = standard_error(per_problem)
+    separated = min(lens) > max(g) or min(g) > max(lens)
+    claimed = (not math.isnan(seed_se)) and separated and abs(diff) > SPREADS * max(seed_se, eval_se)
+    return {"difference": diff, "seed_se": seed_se, "eval_se": eval_se, "claimed": claimed}
+
+
+def _print_verdict(results: dict) -> None:
+    detail = results["warm_start_detail"]
+    start = results["warm_start"]["eval/all/pass@1"]
+    start_se = standard_error(_accuracies(detail["num_correct"], detail["samples"]))
+    n_problems = len(detail["num_correct"])
+    reached = ("reached" if detail["reached_target"] else "did NOT reach")
+    print(f"\nWarm start: {detail['steps']} supervised steps (constant lr {detail['lr']}; "
+          f"{reached} the training-probe accuracy target {detail['target']}).")
+    print(f"Held-out pass@1 ({n_problems} problems never trained on × {detail['samples']} samples):")
+    print(f"  warm start            {start:.3f}  (standard error over problems {start_se:.3f})")
+    for est, v in learning_verdict(results).items():
+        seeds = " ".join(f"{x:.3f}" for x in v["pass@1"])
+        spread = "n/a (1 seed)" if math.isnan(v["seed_sd"]) else f"{v['seed_sd']:.3f}"
+        verdict = ("LEARNED: the gain exceeds {0:g}× the seed spread and {0:g}× the eval standard "
+                   "error, every seed above the warm start" if v["learned"] else
+                   "NOT shown: the gain is within {0:g}× the seed spread or the eval standard "
+                   "error, or a seed is not above the warm start").format(SPREADS)
+        print(f"  {est:<6} after RL     {v['mean']:.3f} ± {spread} over {len(v['pass@1'])} "
+              f"seed(s) [{seeds}]; gain {v['gain']:+.3f} (eval standard error of the gain "
+              f"{v['eval_se_of_gain']:.3f})\n{'':24}{verdict}")
+    d = difference_verdict(results)
+    if d is not None:
+        word = ("CLAIMED (beyond the spread, seed ranges apart)" if d["claimed"] else
+                "no accuracy difference claimed: within the spread at this scale")
+        print(f"  LENS − GRPO           {d['difference']:+.3f} (standard error over seeds "
+              f"{d['seed_se']:.3f}, eval {d['eval_se']:.3f}): {word}")
 
 
 def print_report(results: dict) -> None:
@@ -92,8 +181,9 @@ def print_report(results: dict) -> None:
     print("  (LENS's negative-group advantages are α·(r̃ − mean r̃): when the wrong answers of a "
           "group have\n   similar confidence they are small, and a step's direct effect can be "
           "within noise; compare seeds)")
+    _print_verdict(results)
     print(f"\nwall time {results['seconds']:.0f} s. Differences in pass@k smaller than the spread "
-          "over seeds are noise at this scale; the mechanism rows are what this demo can show.")
+          "over seeds are noise at this scale.")
 
 
 def _gradient_share_series(curve: list[dict]) -> list[float]:

@@ -44,17 +44,19 @@ def arithmetic_problems(count: int, seed: int) -> list[tuple[str, str]]:
     seen, out = set(), []
     while len(out) < count:
         kind = rng.random()
-        if kind < 0.3:
+        if kind < 0.25:
             a, b = rng.randint(0, 9), rng.randint(0, 9)
             text, ans = f"{a}+{b}", a + b
-        elif kind < 0.6:
+        elif kind < 0.60:
+            a, b = rng.randint(10, 99), rng.randint(0, 9)
+            if rng.random() < 0.5:
+                a, b = b, a
+            text, ans = f"{a}+{b}", a + b
+        elif kind < 0.90:
             a, b = rng.randint(10, 99), rng.randint(10, 99)
             text, ans = f"{a}+{b}", a + b
-        elif kind < 0.85:
-            a, b, c = rng.randint(1, 30), rng.randint(1, 30), rng.randint(1, 30)
-            text, ans = f"{a}+{b}+{c}", a + b + c
         else:
-            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
             text, ans = f"{a}*{b}", a * b
         if text in seen:
             continue

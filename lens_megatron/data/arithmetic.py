@@ -1,10 +1,21 @@
 """A built-in verifiable task for the tiny CPU default: integer arithmetic with ``\\boxed{}``
 answers, generated deterministically from a seed (no downloads).
 
-Problems mix easy and hard items (one- and two-digit sums, three-term sums, products) so a
-briefly warm-started tiny model solves some groups, fails whole groups on others, and is
-mixed on the rest — the regime LENS is about. The prompt is the bare problem followed by
-``=``; the expected response is ``\\boxed{<answer>}`` then EOS.
+Problems are one- and two-digit sums and one-digit products, at four levels:
+
+- level 1: one digit + one digit (``3+5``), 25 % of draws, 100 distinct problems;
+- level 2: two digits + one digit, either order (``47+8``, ``8+47``), 35 %, 1 800;
+- level 3: two digits + two digits (``47+38``), 30 %, 8 100;
+- level 4: a one-digit product (``7*8``), 10 %, 64.
+
+Problems are distinct, so levels 1 and 4 run out early and most of the set is levels 2 and 3.
+The mix is sized to the tiny default (2 layers, hidden 128): a short warm start learns it
+partially, so the policy solves some groups, fails whole groups on others (negative groups)
+and is mixed on most — the regime LENS is about — and RL has room to improve on held-out
+problems. (Three-term sums and two-digit products, in an earlier mix, were beyond this model
+in a few minutes of CPU: held-out pass@1 stayed near 0.1 and RL could not move it.)
+The prompt is the bare problem followed by ``=``; the expected response is
+``\\boxed{<answer>}`` then EOS.
 """
 from __future__ import annotations
 
@@ -18,16 +29,18 @@ PROMPT_TEMPLATE = "{problem}="
 def _problem(rng: random.Random) -> tuple[str, int, int]:
     """(problem text, answer, difficulty level 1..4)."""
     kind = rng.random()
-    if kind < 0.3:
+    if kind < 0.25:
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"{a}+{b}", a + b, 1
-    if kind < 0.6:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
+    if kind < 0.60:
+        a, b = rng.randint(10, 99), rng.randint(0, 9)
+        if rng.random() < 0.5:
+            a, b = b, a
         return f"{a}+{b}", a + b, 2
-    if kind < 0.85:
-        a, b, c = rng.randint(1, 30), rng.randint(1, 30), rng.randint(1, 30)
-        return f"{a}+{b}+{c}", a + b + c, 3
-    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    if kind < 0.90:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return f"{a}+{b}", a + b, 3
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
     return f"{a}*{b}", a * b, 4
 
 
