@@ -103,8 +103,27 @@ class VLLMConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """DAPO dynamic sampling: drop groups without reward variance and refill the batch."""
+
+    enabled: bool = False
+    oversample: float = 2.0  # prompts drawn per missing group in refill rounds
+    max_rounds: int = 4  # generation rounds per step at most (the first included)
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "megatron"  # megatron (native sampler) | vllm
+    # colocated: every rank trains and generates | separate: the last `num_ranks` ranks of the
+    # job only generate (native sampler at `tensor_parallel_size`, or vLLM at vllm.*), the rest
+    # only train; weights travel over a process group (parallel/roles.py)
+    placement: str = "colocated"
+    num_ranks: int = 0
+    tensor_parallel_size: int = 1  # the native sampler's TP on separate rollout ranks
+    # a batch may be trained by weights at most this many optimizer versions newer than the
+    # weights that generated it; 0 = synchronous (the rollout of step s+1 waits for step s)
+    max_staleness: int = 0
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     prompts_per_step: int = 4
     group_size: int = 8  # G samples per prompt
     temperature: float = 1.0
@@ -213,9 +232,15 @@ class LensTrainConfig:
         return self.trainer.num_nodes * self.trainer.devices
 
     @property
+    def training_world_size(self) -> int:
+        """Ranks that train: the whole job, or all but the rollout ranks (placement separate)."""
+        separate = self.rollout.placement == "separate"
+        return self.world_size - (self.rollout.num_ranks if separate else 0)
+
+    @property
     def data_parallel_size(self) -> int:
         m = self.model
-        return self.world_size // (
+        return self.training_world_size // (
             m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size
         )
 
@@ -275,7 +300,10 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
              environment: bool = True) -> None:
     """Cross-field checks. ``world_size`` defaults to trainer.num_nodes × trainer.devices."""
     _validate_trainer(cfg.trainer)
-    world = world_size if world_size is not None else cfg.world_size
+    job_world = world_size if world_size is not None else cfg.world_size
+    _validate_placement(cfg.rollout, job_world)
+    separate = cfg.rollout.placement == "separate"
+    world = job_world - (cfg.rollout.num_ranks if separate else 0)  # the ranks that train
     _validate_model(cfg.model, world, environment)
     _validate_rollout(cfg.rollout, environment)
     _validate_optim(cfg.optim)
@@ -290,7 +318,11 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
                           "compare within a group; set rollout.group_size >= 2")
     dp = world // (cfg.model.tensor_model_parallel_size * cfg.model.pipeline_model_parallel_size
                    * cfg.model.context_parallel_size)
-    generators = dp if cfg.rollout.engine == "megatron" else world // cfg.rollout.vllm.tensor_parallel_size
+    generating_ranks = cfg.rollout.num_ranks if separate else world
+    generators = (generating_ranks // (cfg.rollout.tensor_parallel_size if separate else 1)
+                  if cfg.rollout.engine == "megatron" and separate else
+                  dp if cfg.rollout.engine == "megatron" else
+                  generating_ranks // cfg.rollout.vllm.tensor_parallel_size)
     _check(cfg.rollout.prompts_per_step >= generators, "rollout.prompts_per_step",
            f"the prompts of a step are shared out over {generators} generating replicas (the "
            "native sampler's data-parallel ranks, or vLLM's world / rollout.vllm.tensor_parallel_size"
@@ -379,6 +411,28 @@ def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> Non
     if a.rope_scaling is not None:
         _check(a.rope_scaling.high_freq_factor > a.rope_scaling.low_freq_factor,
                "model.arch.rope_scaling", "high_freq_factor must exceed low_freq_factor")
+
+
+def _validate_placement(r: RolloutConfig, job_world: int) -> None:
+    _one_of(r.placement, "rollout.placement", ("colocated", "separate"))
+    _check(r.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0 = synchronous)")
+    d = r.dynamic_sampling
+    _check(d.oversample >= 1, "rollout.dynamic_sampling.oversample", "must be >= 1")
+    _check(d.max_rounds >= 1, "rollout.dynamic_sampling.max_rounds", "must be >= 1")
+    if r.placement == "colocated":
+        _check(r.num_ranks == 0, "rollout.num_ranks",
+               "only used with rollout.placement: separate (set it to 0, or choose separate)")
+        _check(r.max_staleness == 0, "rollout.max_staleness",
+               "overlapping rollouts with training needs ranks that only generate: set "
+               "rollout.placement: separate and rollout.num_ranks, or max_staleness: 0")
+        return
+    _check(1 <= r.num_ranks < job_world, "rollout.num_ranks",
+           f"placement separate needs 1 <= rollout.num_ranks < the job's {job_world} ranks "
+           "(trainer.num_nodes × trainer.devices), leaving at least one rank to train")
+    tp = r.vllm.tensor_parallel_size if r.engine == "vllm" else r.tensor_parallel_size
+    key = "rollout.vllm.tensor_parallel_size" if r.engine == "vllm" else "rollout.tensor_parallel_size"
+    _check(tp >= 1 and r.num_ranks % tp == 0, key,
+           f"must divide rollout.num_ranks ({r.num_ranks}): each replica spans {tp} rollout ranks")
 
 
 def _validate_fp8_shapes(m: ModelConfig) -> None:

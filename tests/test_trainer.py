@@ -287,14 +287,14 @@ def dp_metrics_worker(tmp_dir, devices, prompts, updates=2):
     init_for(cfg)
     trainer = LensTrainer(cfg)
     seen = {}
-    original = trainer._rollout_and_score
+    original = trainer.rollouts.next
 
-    def spy(prompt_batch, timings):
-        out = original(prompt_batch, timings)
-        seen["ids"] = out[0].input_ids.clone()
-        return out
+    def spy(step):
+        scored = original(step)
+        seen["ids"] = scored.batch.input_ids.clone()
+        return scored
 
-    trainer._rollout_and_score = spy
+    trainer.rollouts.next = spy
     metrics = trainer.train_step()
     trainer.close()
     keep = {k: v for k, v in metrics.items() if k.startswith(("train/", "reward/", "groups/"))

@@ -92,14 +92,14 @@ class StepRecorder:
 
     def __init__(self, trainer) -> None:
         self.trainer, self.rows = trainer, []
-        original_rollout = trainer._rollout_and_score
+        original_next = trainer.rollouts.next
 
-        def rollout_spy(prompts, timings):
-            batch, rewards, counts = original_rollout(prompts, timings)
-            self.last_batch = batch
-            return batch, rewards, counts
+        def rollout_spy(step):
+            scored = original_next(step)
+            self.last_batch = scored.batch
+            return scored
 
-        trainer._rollout_and_score = rollout_spy
+        trainer.rollouts.next = rollout_spy
 
     def step(self) -> None:
         metrics = self.trainer.train_step()
