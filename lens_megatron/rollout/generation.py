@@ -69,7 +69,7 @@ def generate_and_score(cfg, engine, scorer, prompts: list, seed: int, shard_fn: 
     timings["time/reward_s"] = timings.get("time/reward_s", 0.0) + time.perf_counter() - t0
     mine_part = (shard_id, local, *scored) if leader else None
     parts = [mine_part]
-    if dist.get_world_size() > 1:  # every shard leader publishes; everyone receives all
+    if dist.is_initialized() and dist.get_world_size() > 1:  # leaders publish, all receive
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, mine_part)
     parts = sorted((p for p in parts if p is not None), key=lambda p: p[0])
@@ -139,6 +139,7 @@ def _collect_dynamic(cfg, engine, scorer, prompt_source, step, version, shard_fn
         "dynamic_sampling/rounds": float(rounds),
         "dynamic_sampling/generated_groups": float(generated),
         "dynamic_sampling/dropped_groups": float(len(dropped)),
+        "dynamic_sampling/varied_groups": float(len(kept) - topped_up),
         "dynamic_sampling/topped_up_groups": float(topped_up),
         "dynamic_sampling/generation_ratio": generated / want,  # generation per trained group
         **_prompt_metrics(prompt_source),
