@@ -196,6 +196,9 @@ class ExpManagerConfig:
 class LossSectionConfig(LossConfig):
     """The clipped-loss settings plus the rollout↔trainer mismatch correction."""
 
+    # pi_old: recompute (one forward pass over the rollout) | engine (the rollout engine's own
+    # sampling log-probs; only where it samples the trainer's distribution, see validate)
+    old_logprobs: str = "recompute"
     rollout_correction: str = "none"  # none | tis_token | tis_sequence | mis_token | mis_sequence
     rollout_correction_cap: float = 2.0
     mis_lower: float = 0.5
@@ -313,6 +316,7 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
             ("dp_reshardable", "fully_reshardable"))
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 seconds")
     _check(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = in-process)")
+    _validate_old_logprobs(cfg)
     if cfg.rollout.group_size == 1:
         raise ConfigError("rollout.group_size: LENS/GRPO need G >= 2 samples per prompt to "
                           "compare within a group; set rollout.group_size >= 2")
@@ -411,6 +415,29 @@ def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> Non
     if a.rope_scaling is not None:
         _check(a.rope_scaling.high_freq_factor > a.rope_scaling.low_freq_factor,
                "model.arch.rope_scaling", "high_freq_factor must exceed low_freq_factor")
+
+
+def _validate_old_logprobs(cfg: LensTrainConfig) -> None:
+    """``loss.old_logprobs: engine`` is pi_old only where the engine samples pi_old itself."""
+    _one_of(cfg.loss.old_logprobs, "loss.old_logprobs", ("recompute", "engine"))
+    if cfg.loss.old_logprobs != "engine":
+        return
+    r = cfg.rollout
+    why = ("loss.old_logprobs: engine uses the rollout engine's sampling log-probs as pi_old, "
+           "which is right only when the engine samples the trainer's own distribution: ")
+    _check(cfg.optim.updates_per_rollout == 1, "optim.updates_per_rollout",
+           why + "it is supported with one update per rollout, where the update's own ratio "
+           "statistics (train/approx_kl, train/ratio_*) measure the engine/trainer gap that the "
+           "recompute would; set optim.updates_per_rollout: 1 or loss.old_logprobs: recompute")
+    _check(r.top_k == -1 and r.top_p == 1.0, "rollout.top_k",
+           why + "top-k/top-p truncate the sampled distribution (rollout.top_k -1, rollout.top_p "
+           "1.0), or use loss.old_logprobs: recompute")
+    _check(r.max_staleness == 0, "rollout.max_staleness",
+           why + "a stale engine samples older weights; set max_staleness 0 or recompute")
+    _check(cfg.loss.rollout_correction == "none" and r.mismatch_mask_threshold is None,
+           "loss.rollout_correction",
+           why + "with pi_old = the engine's log-probs there is no engine/trainer gap left to "
+           "correct or mask (set rollout_correction none and mismatch_mask_threshold null)")
 
 
 def _validate_placement(r: RolloutConfig, job_world: int) -> None:

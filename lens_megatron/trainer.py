@@ -229,7 +229,10 @@ class LensTrainer:
                                          self.actor.pad_multiple)
         step = StepTensors.move(tokens, batch, scored.rewards, self.actor.device)
         t0 = time.perf_counter()
-        old = self.actor.compute_logprobs(tokens, entropy=False)["token_logprobs"]
+        if cfg.loss.old_logprobs == "engine":  # the engine sampled pi_old itself (validated)
+            old = torch.where(step.mask, step.sampling_logprobs, 0.0)
+        else:
+            old = self.actor.compute_logprobs(tokens, entropy=False)["token_logprobs"]
         self._check_finite(old, step.mask, "old-policy log-probs")
         ref = (self.actor.compute_logprobs(tokens, reference=True)["token_logprobs"]
                if cfg.loss.kl_coef > 0 else None)
@@ -257,6 +260,10 @@ class LensTrainer:
         extra = dict(mismatch, **train_metrics, **{f"total/{k}": v for k, v in self.totals.items()})
         extra["setup/transformer_engine"] = float(
             resolve_transformer_impl(cfg.model.transformer_impl) == "transformer_engine")
+        # Where pi_old came from. From the engine, mismatch/* compares the engine with itself;
+        # train/approx_kl and train/ratio_* of the (single) update then measure the
+        # engine/trainer gap: the trainer's log-probs under the unchanged weights vs the engine's.
+        extra["setup/old_logprobs_from_engine"] = float(cfg.loss.old_logprobs == "engine")
         return step_metrics(scored, advantages, diag, signal, extra)
 
     def _count(self, signal, reward_counts, train_metrics) -> None:
