@@ -72,10 +72,10 @@ class PaddedMicroBatch:
         return torch.arange(width, device=self.input_ids.device).expand(b, width)
 
     def unpack(self, values: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
-        """``values [b, w]`` -> ``[num_rows, width]``: row i at ``rows[i]``, first
+        """``values [b, w, ...]`` -> ``[num_rows, width, ...]``: row i at ``rows[i]``, first
         ``min(w, width)`` columns; zeros elsewhere. Differentiable."""
         keep = min(values.shape[1], width)
-        out = values.new_zeros((num_rows, width))
+        out = values.new_zeros((num_rows, width, *values.shape[2:]))
         cols = torch.arange(keep, device=values.device)
         index = (self.rows.to(values.device)[:, None].expand(-1, keep), cols.expand(len(self.rows), -1))
         return out.index_put(index, values[:, :keep])
@@ -138,22 +138,33 @@ class PackedMicroBatch:
         real = cols[None, :] < length[:, None]
         return torch.where(real, starts[:, None] + cols[None, :], 0), real
 
+    def _flat(self, values: torch.Tensor) -> torch.Tensor:
+        """``[1, T, ...]`` or ``[T]`` -> ``[T, ...]``."""
+        total = self.input_ids.shape[1]
+        if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == total:
+            return values[0]
+        if values.shape[0] != total:
+            raise ValueError(f"expected packed values [1, {total}, ...] or [{total}], got "
+                             f"{tuple(values.shape)}")
+        return values
+
     def rows_view(self, values: torch.Tensor) -> torch.Tensor:
-        """``values [1, T]`` (or ``[T]``) -> ``[n, longest document]``: document i's values
-        in row i, zeros past its length. Differentiable (a gather)."""
-        flat = values.reshape(-1)
+        """``values [1, T, ...]`` (or ``[T]``) -> ``[n, longest document, ...]``: document
+        i's values in row i, zeros past its length. Differentiable (a gather)."""
+        flat = self._flat(values)
         index, real = self._row_index(flat.device)
         gathered = flat[index]
+        real = real.reshape(*real.shape, *([1] * (flat.dim() - 1)))
         return torch.where(real, gathered, torch.zeros((), dtype=flat.dtype, device=flat.device))
 
     def unpack(self, values: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
-        """``values [1, T]`` -> ``[num_rows, width]``: each document at its original row,
-        columns ``[0, length)``; zeros elsewhere (padding dropped). Differentiable."""
-        flat = values.reshape(-1)
+        """``values [1, T, ...]`` -> ``[num_rows, width, ...]``: each document at its original
+        row, columns ``[0, length)``; zeros elsewhere (padding dropped). Differentiable."""
+        flat = self._flat(values)
         index, real = self._row_index(flat.device)
         rows = self.rows.to(flat.device)[:, None].expand_as(index)
         cols = torch.arange(index.shape[1], device=flat.device).expand_as(index)
-        out = flat.new_zeros((num_rows, width))
+        out = flat.new_zeros((num_rows, width, *flat.shape[1:]))
         return out.index_put((rows[real], cols[real]), flat[index[real]])
 
     def expand(self, per_sequence: torch.Tensor) -> torch.Tensor:
