@@ -189,3 +189,27 @@ def test_validate_catches_a_broken_plan():
                                   (MicroBatch((1,), (4,), 8), MicroBatch((2,), (5,), 8))), 3, 1, 8)
     with pytest.raises(AssertionError, match="equal micro-batch counts"):
         uneven.validate([3, 4, 5])
+
+
+def _contiguous_slices_cost(lengths, dp, mbs):
+    """The busiest rank's padded cost when rank r takes rows [r n/dp, (r+1) n/dp) and groups
+    them by length (the actor's behaviour before the plan)."""
+    per = len(lengths) // dp
+    worst = 0
+    for r in range(dp):
+        rows = sorted(range(r * per, (r + 1) * per), key=lambda i: (max(1, lengths[i]), i))
+        groups = [rows[s:s + mbs] for s in range(0, per, mbs)]
+        worst = max(worst, sum(len(g) * max(max(1, lengths[i]) for i in g) for g in groups))
+    return worst
+
+
+def test_padded_balance_beats_contiguous_slices_on_long_tailed_lengths():
+    for seed in range(3):
+        lengths = lognormal(256, seed)
+        for dp in (2, 4, 8):
+            for mbs in (2, 8):
+                plan = plan_padded(lengths, dp, mbs)
+                costs = plan.rank_costs()
+                assert max(costs) <= _contiguous_slices_cost(lengths, dp, mbs), (seed, dp, mbs)
+                if mbs == 2:  # small groups: tightly balanced
+                    assert max(costs) / min(costs) < 1.02, (seed, dp, costs)

@@ -15,7 +15,9 @@ Candidates (all exact, checked against a float64 per-document reference before t
 
 Workloads: ``longtail`` lognormal document lengths (sigma 1, median T/16) filling T;
 ``short`` many documents of 16-96 tokens; ``equal`` T/8-token documents. Times are the
-median and the minimum of ``--repeat`` runs after ``--warmup`` runs, with ``torch.set_num_threads(--threads)``.
+median and the minimum of ``--repeat`` runs after ``--warmup`` runs, and the median
+round-by-round ratio to the first of ``--methods`` (robust on a busy machine), with
+``torch.set_num_threads(--threads)``.
 """
 from __future__ import annotations
 
@@ -117,8 +119,9 @@ def check_method(method, q, k, v, starts, lengths, expected):
 
 
 def time_methods(methods, q, k, v, starts, lengths, warmup, repeat):
-    """(median, min) seconds of forward + backward per method; the methods run in turn
-    (A B C A B C ...) so that a drift in machine speed hits them alike."""
+    """(median, min, median ratio to the first method) of forward + backward seconds per
+    method; the methods run in turn (A B C A B C ...), so a drift in machine speed hits them
+    alike, and the ratio is taken round by round."""
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     times = {m: [] for m in methods}
     for i in range(warmup + repeat):
@@ -129,7 +132,10 @@ def time_methods(methods, q, k, v, starts, lengths, warmup, repeat):
             run_method(method, q, k, v, starts, lengths).backward(grad)
             if i >= warmup:
                 times[method].append(time.perf_counter() - start)
-    return {m: (statistics.median(ts), min(ts)) for m, ts in times.items()}
+    base = times[methods[0]] if methods else []
+    return {m: (statistics.median(ts), min(ts),
+                statistics.median(t / b for t, b in zip(ts, base)))
+            for m, ts in times.items()}
 
 
 def bench_cell(tokens, heads, groups, dim, workload, methods, warmup, repeat, dense_max):
@@ -169,7 +175,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, head_dim {args.dim}, fwd+bwd, "
-          f"median/min of {args.repeat} (ms)")
+          f"median/min of {args.repeat} (ms), (x median ratio to {args.methods[0]})")
     for tokens in args.tokens:
         for heads in args.heads:
             groups = args.groups or max(1, heads // 4)
@@ -177,7 +183,8 @@ def main(argv=None):
                 lengths, n_buckets, row = bench_cell(tokens, heads, groups, args.dim, workload,
                                                      args.methods, args.warmup, args.repeat,
                                                      args.dense_max)
-                cells = [f"{m}={v[0] * 1e3:.1f}/{v[1] * 1e3:.1f}" if isinstance(v, tuple)
+                cells = [f"{m}={v[0] * 1e3:.1f}/{v[1] * 1e3:.1f} (x{v[2]:.2f})"
+                         if isinstance(v, tuple)
                          else f"{m}: {v}" for m, v in row.items()]
                 print(f"T={tokens} heads={heads}/{groups} {workload} docs={len(lengths)} "
                       f"max={max(lengths)} buckets={n_buckets} | " + "  ".join(cells), flush=True)

@@ -77,7 +77,8 @@ class PaddedMicroBatch:
         keep = min(values.shape[1], width)
         out = values.new_zeros((num_rows, width, *values.shape[2:]))
         cols = torch.arange(keep, device=values.device)
-        index = (self.rows.to(values.device)[:, None].expand(-1, keep), cols.expand(len(self.rows), -1))
+        rows = self.rows.to(values.device)[:, None].expand(-1, keep)
+        index = (rows, cols.expand(len(self.rows), -1))
         return out.index_put(index, values[:, :keep])
 
 

@@ -14,14 +14,17 @@ padded (``micro_batch_size``) — today's behaviour, plus DP balance. Rows are s
   length (ties by index) and cut into groups of ``micro_batch_size`` (when the rows per rank
   are not a multiple of it, each rank also gets one shorter group, taken from the shortest
   rows). A group's width is its longest row rounded up to ``pad_multiple`` (capped at
-  ``full_width``). Groups go to ranks by Karmarkar–Karp on their padded cost
-  (rows x width), every rank the same number of groups and of rows. With ``same_shape``
+  ``full_width``). Groups go to ranks by their padded cost (rows x width): the full groups
+  by ``balanced_partition`` (Karmarkar–Karp, or greedy LPT when that spreads less) with equal
+  counts, then the short groups heaviest first to the lightest rank, one each — every rank
+  the same number of groups and of rows. With ``same_shape``
   (pipeline parallelism) all micro-batches of a rank take that rank's widest width.
 
 packed (``max_tokens``) — several rows per micro-batch, back to back. Rows go to ranks by
-  Karmarkar–Karp on their lengths; each rank packs its rows into K micro-batches (K = the
-  most that first-fit-decreasing needs on any rank), balanced by Karmarkar–Karp when that
-  fits the budget, else first-fit-decreasing bins split until there are K. A micro-batch's
+  ``balanced_partition`` of their lengths; each rank packs its rows into K micro-batches
+  (K = the most that first-fit-decreasing needs on any rank), balanced by
+  ``balanced_partition`` when that fits the budget, else first-fit-decreasing bins, the
+  heaviest split in two until there are K. A micro-batch's
   packed length T is its token count rounded up to ``pad_multiple``; with ``same_shape`` every
   micro-batch of a rank takes the rank's largest T. The budget counts T:
   ``T <= max_tokens`` rounded down to ``pad_multiple``.
@@ -35,8 +38,12 @@ Invariants (``BatchPlan.validate`` checks them; the tests assert them on random 
   5. no micro-batch is empty unless there are fewer rows than ``dp_size * K``
      (e.g. fewer rows than ranks); an empty packed micro-batch is all alignment padding;
   6. balance: packed — ``max - min`` of the ranks' token loads ``<= max(lengths)`` (KK's
-     bound) unless rows had to move to fill otherwise-empty micro-batches (5); padded — every
-     rank has ``n / dp_size`` rows, ``max - min`` of padded costs ``<=`` the largest group cost.
+     bound) unless rows had to move to fill otherwise-empty micro-batches (5); on lognormal
+     lengths max/min < 1.001 (tested). Padded — every rank has ``n / dp_size`` rows and,
+     without ``same_shape``, ``max - min`` of the padded costs ``<=`` the largest group's cost
+     (pairing ascending loads with descending short groups keeps the KK bound). The padded
+     costs are less even than packed loads (the longest group dominates), but the busiest
+     rank's cost is below that of today's contiguous slices on every lognormal case tried.
 """
 from __future__ import annotations
 
@@ -62,7 +69,9 @@ class SequenceTooLongError(ValueError):
     def __init__(self, row: int, length: int, budget: int, max_tokens: int,
                  context_parallel_hint: bool = False) -> None:
         self.row, self.length, self.budget = row, length, budget
-        rounded = f" (rounded down to the alignment multiple: {budget})" if budget != max_tokens else ""
+        rounded = ""
+        if budget != max_tokens:
+            rounded = f" (rounded down to the alignment multiple: {budget})"
         fix = f"raise {BUDGET_KEY} to at least {length}"
         if context_parallel_hint:
             fix += f", or split long sequences over ranks with {CONTEXT_PARALLEL_KEY} > 1"

@@ -54,7 +54,8 @@ class SDPACoreAttention(MegatronModule):
         self.groups = config.num_query_groups // tp_size
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -84,7 +85,8 @@ class SDPACoreAttention(MegatronModule):
     def _packed(self, query, key, value, params, dropout):
         if params.qkv_format != "thd":
             raise NotImplementedError(
-                f"SDPA core attention: packed sequences need qkv_format='thd', got {params.qkv_format!r}")
+                "SDPA core attention: packed sequences need qkv_format='thd', got "
+                f"{params.qkv_format!r}")
         if query.dim() == 4:  # [T, 1, h, d] if a caller did not squeeze the batch
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
         starts, lengths, buckets = _thd_layout(params, self.heads)

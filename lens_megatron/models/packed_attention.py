@@ -110,18 +110,23 @@ def _segments(q, k, v, starts, lengths, scale, dropout_p):
 
 def _bucketed(q, k, v, starts, lengths, scale, dropout_p, buckets):
     total, heads, dim = q.shape
-    out = q.new_zeros(total, heads, dim)
+    values, source, filled = [], torch.full((total,), -1, dtype=torch.long), 0
     for bucket in buckets:
         longest = lengths[bucket[0]]
-        offsets = torch.arange(longest, device=q.device)
-        start = torch.tensor([starts[i] for i in bucket], device=q.device)
-        length = torch.tensor([lengths[i] for i in bucket], device=q.device)
-        real = offsets.unsqueeze(0) < length.unsqueeze(1)  # [n_b, L_b]
-        index = torch.where(real, start.unsqueeze(1) + offsets, start.unsqueeze(1))
-        qb, kb, vb = (t[index].permute(0, 2, 1, 3) for t in (q, k, v))  # [n_b, h, L_b, d]
+        offsets = torch.arange(longest)
+        start = torch.tensor([starts[i] for i in bucket])
+        real = offsets[None, :] < torch.tensor([lengths[i] for i in bucket])[:, None]
+        index = torch.where(real, start[:, None] + offsets, start[:, None])  # [n_b, L_b]
+        positions = index[real]
+        device_index = index.to(q.device)
+        qb, kb, vb = (t[device_index].permute(0, 2, 1, 3) for t in (q, k, v))  # [n_b, h, L_b, d]
         ob = _sdpa(qb, kb, vb, scale, dropout_p, causal=True).permute(0, 2, 1, 3)
-        out = out.index_copy(0, index[real], ob[real])
-    return out
+        values.append(ob[real.to(q.device)])
+        source[positions] = torch.arange(filled, filled + len(positions))
+        filled += len(positions)
+    values.append(q.new_zeros(1, heads, dim))  # what padding positions read
+    source[source < 0] = filled
+    return torch.cat(values)[source.to(q.device)]
 
 
 def document_mask(starts, lengths, total: int, device=None) -> torch.Tensor:
