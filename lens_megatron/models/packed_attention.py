@@ -6,21 +6,23 @@ Document ``i`` occupies ``[starts[i], starts[i] + lengths[i])``; every token att
 to the tokens of its own document only. Tokens outside every document (alignment padding)
 attend to nothing and get a zero output (and so no gradient).
 
-Three exact implementations, all over ``torch.nn.functional.scaled_dot_product_attention``:
+Three exact implementations, all over ``torch.nn.functional.scaled_dot_product_attention``
+(grouped-query K/V passed as they are, ``enable_gqa``):
 
-- ``segments``: one SDPA call per document with ``is_causal=True``;
-- ``bucketed``: documents sorted by length and cut into buckets; each bucket is gathered into
-  ``[n_b, heads, L_b, d]`` (right-padded to its longest document ``L_b``) and run as one
-  ``is_causal=True`` call. Right padding needs no mask: under top-left causal alignment a
-  real query only sees keys at or before its position, all real. Fewer calls, more padded
-  work; ``plan_buckets`` trades the two with a cost model;
-- ``dense``: one SDPA call with a ``[T, T]`` block-diagonal causal mask (quadratic in T).
+- ``segments``: one ``is_causal=True`` call per document. The documents are views from one
+  ``torch.split`` (its backward is one concatenation; slicing ``q[s:e]`` per document would
+  make each backward write a full ``[T, h, d]`` gradient — 5x slower at 143 documents);
+- ``bucketed``: like ``segments``, but buckets of several documents (from ``plan_buckets``)
+  run as one right-padded ``[n_b, heads, L_b, d]`` call. Right padding needs no mask: under
+  top-left causal alignment a real query only sees keys at or before its position, all real;
+- ``dense``: one SDPA call with a ``[T, T]`` block-diagonal causal mask (quadratic in T; the
+  reference-style option, 4-8x slower here).
 
-``packed_causal_attention(..., method="auto")`` picks ``bucketed`` with its cost model, which
-falls back to one bucket per document (= ``segments``) when documents differ in length and to
-one batched call when they are many and similar. FlexAttention and jagged nested tensors are
-not options on CPU (no FlexAttention backward on CPU; jagged SDPA refuses ``is_causal``),
-measured in ``tools/bench_packed_attention.py``.
+``method="auto"`` is ``bucketed`` under the cost model below: per-document calls for the
+documents of RL rows (prompt + response, ~100+ tokens: measured fastest), batched calls only
+for many tiny documents (~1.5x faster at 4-24 tokens, 4 heads). FlexAttention and jagged
+nested tensors are not options on CPU (FlexAttention: "does not support backward on CPU";
+jagged SDPA refuses ``is_causal``), as ``tools/bench_packed_attention.py`` reports.
 """
 from __future__ import annotations
 
@@ -31,10 +33,17 @@ import torch.nn.functional as F
 
 METHODS = ("auto", "segments", "bucketed", "dense")
 
-# Cost model of one SDPA call, in units of one query-key pair per head-dim element:
-# CALL_OVERHEAD is the fixed cost of a call (dispatch + autograd bookkeeping) expressed as an
-# equivalent number of query-key pairs; measured on this CPU (tools/bench_packed_attention.py).
-CALL_OVERHEAD_PAIRS = 16_384
+# Cost model of the per-bucket SDPA calls (plan_buckets), in query-key pairs per head:
+#   one document alone:       CALL_OVERHEAD_PAIRS / heads + L (L + 1) / 2
+#   n >= 2 documents batched: CALL_OVERHEAD_PAIRS / heads
+#                               + BATCH_PAIR_PENALTY * n L_max (L_max + 1) / 2
+# Measured on this CPU (torch 2.13, 1 thread, head_dim 64; tools/bench_packed_attention.py
+# --calibrate and the grid): a causal SDPA call costs ~0.2 ms (4 heads) to ~0.3 ms (16 heads)
+# at L=8, ~35 ns per pair x head at large L, i.e. ~6-9k pairs x heads of overhead; a padded
+# batch of short documents runs ~2x slower per pair than the documents one by one, so only
+# documents far shorter than that overhead (a few dozen tokens) are worth batching.
+CALL_OVERHEAD_PAIRS = 8192
+BATCH_PAIR_PENALTY = 2.0
 
 
 def segment_layout(cu_seqlens: Sequence[int], cu_seqlens_padded: Optional[Sequence[int]] = None
@@ -58,10 +67,11 @@ def segment_layout(cu_seqlens: Sequence[int], cu_seqlens_padded: Optional[Sequen
 
 
 def plan_buckets(lengths: Sequence[int], heads: int = 1,
-                 call_overhead_pairs: int = CALL_OVERHEAD_PAIRS) -> list[list[int]]:
-    """Group document indices into buckets for ``bucketed``: minimise
-    ``sum_b (overhead + n_b * L_b^2 / 2)`` over contiguous runs of the length-sorted
-    documents (exact dynamic programme, O(n^2)). Empty documents are left out."""
+                 call_overhead_pairs: int = CALL_OVERHEAD_PAIRS,
+                 batch_penalty: float = BATCH_PAIR_PENALTY) -> list[list[int]]:
+    """Group document indices into buckets: minimise the cost model above over contiguous
+    runs of the length-sorted documents (an exact dynamic programme, O(n^2)); each bucket is
+    longest first. Empty documents are left out."""
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
     n = len(order)
     if n == 0:
@@ -72,7 +82,8 @@ def plan_buckets(lengths: Sequence[int], heads: int = 1,
     for j in range(1, n + 1):
         for i in range(j):  # bucket = order[i:j], its longest is order[i]
             longest = lengths[order[i]]
-            cost = best[i] + overhead + (j - i) * longest * (longest + 1) / 2
+            factor = 1.0 if j - i == 1 else batch_penalty
+            cost = best[i] + overhead + factor * (j - i) * longest * (longest + 1) / 2
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     buckets, j = [], n
@@ -89,44 +100,70 @@ def _sdpa(q, k, v, scale, dropout_p, causal: bool, mask=None):
         enable_gqa=q.shape[-3] != k.shape[-3])
 
 
-def _segments(q, k, v, starts, lengths, scale, dropout_p):
-    total, heads, dim = q.shape
-    pieces, cursor = [], 0
-    for start, length in sorted(zip(starts, lengths)):
-        if length == 0:
-            continue
+def _pieces(starts, lengths, total):
+    """Sizes tiling [0, T) into documents and gaps, and which pieces are documents."""
+    sizes, is_doc, cursor = [], [], 0
+    for start, length in sorted((s, n) for s, n in zip(starts, lengths) if n > 0):
         if start > cursor:
-            pieces.append(q.new_zeros(start - cursor, heads, dim))
-        sl = slice(start, start + length)
-        # 4-D [1, h, L, d]: torch's CPU flash kernel takes 4-D inputs only (3-D runs the math path)
-        out = _sdpa(q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None],
-                    v[sl].transpose(0, 1)[None], scale, dropout_p, causal=True)
-        pieces.append(out[0].transpose(0, 1))
+            sizes.append(start - cursor)
+            is_doc.append(False)
+        sizes.append(length)
+        is_doc.append(True)
         cursor = start + length
     if cursor < total:
-        pieces.append(q.new_zeros(total - cursor, heads, dim))
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        sizes.append(total - cursor)
+        is_doc.append(False)
+    return sizes, is_doc
 
 
-def _bucketed(q, k, v, starts, lengths, scale, dropout_p, buckets):
-    total, heads, dim = q.shape
-    values, source, filled = [], torch.full((total,), -1, dtype=torch.long), 0
+def _doc_attention(qs, ks, vs, scale, dropout_p):
+    """One document ``[L, h, d]``: 4-D ``[1, h, L, d]`` for SDPA (torch's CPU flash kernel
+    takes 4-D inputs only; 3-D runs the math path)."""
+    o = _sdpa(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+              scale, dropout_p, causal=True)
+    return o[0].transpose(0, 1)
+
+
+def _batch_attention(qs, ks, vs, lengths, scale, dropout_p):
+    """Several documents ``[L_i, h, d]`` as one right-padded ``[n, h, L_max, d]`` call.
+
+    The documents are concatenated and gathered into the padded batch with an index local
+    to them (so the gather's backward is proportional to their tokens, not to T)."""
+    longest = max(lengths)
+    offsets = torch.arange(longest)
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    real = offsets[None, :] < torch.tensor(lengths)[:, None]  # [n, L_max]
+    index = torch.where(real, starts[:, None] + offsets, 0).to(qs[0].device)
+    q, k, v = (torch.cat(t)[index].permute(0, 2, 1, 3) for t in (qs, ks, vs))
+    out = _sdpa(q, k, v, scale, dropout_p, causal=True).permute(0, 2, 1, 3)
+    return out[real.to(out.device)].split(lengths)
+
+
+def _segments(q, k, v, starts, lengths, scale, dropout_p, buckets=None):
+    """Per-document attention; ``buckets`` (lists of document indices) of more than one
+    document run as one batched call. Documents are views from ``torch.split`` — not slices:
+    the backward of a split is one concatenation, while each slice's backward writes a full
+    ``[T, h, d]`` gradient (quadratic in the number of documents)."""
+    sizes, is_doc = _pieces(starts, lengths, q.shape[0])
+    doc_pieces = [j for j, d in enumerate(is_doc) if d]
+    by_start = sorted((s, i) for i, (s, n) in enumerate(zip(starts, lengths)) if n > 0)
+    piece_of = {i: j for (_, i), j in zip(by_start, doc_pieces)}
+    qs, ks, vs = q.split(sizes), k.split(sizes), v.split(sizes)
+    out = [None if d else torch.zeros_like(p) for p, d in zip(qs, is_doc)]
+    if buckets is None:
+        buckets = [[i] for _, i in by_start]
     for bucket in buckets:
-        longest = lengths[bucket[0]]
-        offsets = torch.arange(longest)
-        start = torch.tensor([starts[i] for i in bucket])
-        real = offsets[None, :] < torch.tensor([lengths[i] for i in bucket])[:, None]
-        index = torch.where(real, start[:, None] + offsets, start[:, None])  # [n_b, L_b]
-        positions = index[real]
-        device_index = index.to(q.device)
-        qb, kb, vb = (t[device_index].permute(0, 2, 1, 3) for t in (q, k, v))  # [n_b, h, L_b, d]
-        ob = _sdpa(qb, kb, vb, scale, dropout_p, causal=True).permute(0, 2, 1, 3)
-        values.append(ob[real.to(q.device)])
-        source[positions] = torch.arange(filled, filled + len(positions))
-        filled += len(positions)
-    values.append(q.new_zeros(1, heads, dim))  # what padding positions read
-    source[source < 0] = filled
-    return torch.cat(values)[source.to(q.device)]
+        pieces = [piece_of[i] for i in bucket]
+        if len(bucket) == 1:
+            j = pieces[0]
+            out[j] = _doc_attention(qs[j], ks[j], vs[j], scale, dropout_p)
+            continue
+        outs = _batch_attention([qs[j] for j in pieces], [ks[j] for j in pieces],
+                                [vs[j] for j in pieces], [lengths[i] for i in bucket],
+                                scale, dropout_p)
+        for j, o in zip(pieces, outs):
+            out[j] = o
+    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def document_mask(starts, lengths, total: int, device=None) -> torch.Tensor:
@@ -168,8 +205,4 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _dense(q, k, v, starts, lengths, scale, dropout_p)
     if buckets is None:
         buckets = plan_buckets(lengths, heads=q.shape[1])
-    if not buckets:
-        return q.new_zeros(q.shape)
-    if all(len(b) == 1 for b in buckets):
-        return _segments(q, k, v, starts, lengths, scale, dropout_p)
-    return _bucketed(q, k, v, starts, lengths, scale, dropout_p, buckets)
+    return _segments(q, k, v, starts, lengths, scale, dropout_p, buckets)
