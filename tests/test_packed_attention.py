@@ -89,6 +89,10 @@ def test_bucket_plan_trades_calls_for_padding():
     assert sorted(i for b in buckets for i in b) == [0, 2, 3, 4, 5, 6]
     assert buckets[0] == [5]
     assert plan_buckets([0, 0]) == []
+    # many heads per rank: every document alone (batching measured slower there)
+    assert plan_buckets([16] * 64, heads=16) == [[i] for i in range(64)]
+    # documents of RL rows (~100 tokens) stay alone even with few heads
+    assert all(len(b) == 1 for b in plan_buckets([90, 120, 100, 140, 95], heads=4))
 
 
 def test_document_mask():
@@ -206,3 +210,22 @@ def test_module_packed_thd_equals_per_document_calls():
     assert torch.equal(again, out)
     with pytest.raises(NotImplementedError, match="qkv_format='thd'"):
         module(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="sbhd"))
+
+
+def test_module_notices_changed_boundaries():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    module = _module(2, 2)
+    q, k, v = _inputs(10, 2, 2)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=6, max_seqlen_kv=6)
+    two = module(q, k, v, None, packed_seq_params=params)
+    cu[1] = 7  # the cached tensor edited in place
+    other = module(q, k, v, None, packed_seq_params=params)
+    params.cu_seqlens_q = params.cu_seqlens_kv = torch.tensor([0, 10], dtype=torch.int32)
+    one = module(q, k, v, None, packed_seq_params=params)
+    expected = [reference(q.detach(), k.detach(), v.detach(), *segment_layout(b))
+                for b in ([0, 4, 10], [0, 7, 10], [0, 10])]
+    for got, want in zip((two, other, one), expected):
+        torch.testing.assert_close(got.double(), want.reshape(10, -1), rtol=0, atol=1e-6)

@@ -97,12 +97,15 @@ class SDPACoreAttention(MegatronModule):
 
 def _thd_layout(params, heads: int):
     """Documents (starts, lengths) and the bucket plan of a ``PackedSeqParams``, computed once
-    per packed micro-batch and kept on the params object (every layer sees the same one)."""
+    per packed micro-batch and kept on the params object (every layer sees the same one; the
+    cache holds the boundary tensors themselves and their versions, so a replaced or edited
+    tensor is noticed)."""
     tensors = (params.cu_seqlens_q, params.cu_seqlens_q_padded, params.cu_seqlens_kv,
                params.cu_seqlens_kv_padded)
-    key = tuple((id(t), t._version) if t is not None else None for t in tensors) + (heads,)
+    versions = tuple(None if t is None else t._version for t in tensors)
     cached = getattr(params, "_lens_sdpa_layout", None)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[2] == (versions, heads) and \
+            all(a is b for a, b in zip(cached[0], tensors)):
         return cached[1]
     cu_q = params.cu_seqlens_q.tolist()
     if params.cu_seqlens_kv is not None and params.cu_seqlens_kv.tolist() != cu_q:
@@ -111,7 +114,7 @@ def _thd_layout(params, heads: int):
     padded = None if params.cu_seqlens_q_padded is None else params.cu_seqlens_q_padded.tolist()
     starts, lengths = segment_layout(cu_q, padded)
     layout = (starts, lengths, plan_buckets(lengths, heads))
-    params._lens_sdpa_layout = (key, layout)
+    params._lens_sdpa_layout = (tensors, layout, (versions, heads))
     return layout
 
 

@@ -35,15 +35,20 @@ METHODS = ("auto", "segments", "bucketed", "dense")
 
 # Cost model of the per-bucket SDPA calls (plan_buckets), in query-key pairs per head:
 #   one document alone:       CALL_OVERHEAD_PAIRS / heads + L (L + 1) / 2
-#   n >= 2 documents batched: CALL_OVERHEAD_PAIRS / heads
+#   n >= 2 documents batched: BATCH_OVERHEAD_FACTOR * CALL_OVERHEAD_PAIRS / heads
 #                               + BATCH_PAIR_PENALTY * n L_max (L_max + 1) / 2
 # Measured on this CPU (torch 2.13, 1 thread, head_dim 64; tools/bench_packed_attention.py
 # --calibrate and the grid): a causal SDPA call costs ~0.2 ms (4 heads) to ~0.3 ms (16 heads)
 # at L=8, ~35 ns per pair x head at large L, i.e. ~6-9k pairs x heads of overhead; a padded
 # batch of short documents runs ~2x slower per pair than the documents one by one, so only
-# documents far shorter than that overhead (a few dozen tokens) are worth batching.
+# documents far shorter than that overhead (a few dozen tokens) are worth batching; a batched
+# call also runs a few more ops (concatenate, gather, select, split): twice the overhead.
+# With many heads per rank batching lost even on tiny documents (16 heads, 4-24 tokens:
+# 1.05-1.16x slower; 4 heads: 0.73-0.87x), so above BATCH_MAX_HEADS every document runs alone.
 CALL_OVERHEAD_PAIRS = 8192
 BATCH_PAIR_PENALTY = 2.0
+BATCH_OVERHEAD_FACTOR = 2.0
+BATCH_MAX_HEADS = 8
 
 
 def segment_layout(cu_seqlens: Sequence[int], cu_seqlens_padded: Optional[Sequence[int]] = None
@@ -71,19 +76,22 @@ def plan_buckets(lengths: Sequence[int], heads: int = 1,
                  batch_penalty: float = BATCH_PAIR_PENALTY) -> list[list[int]]:
     """Group document indices into buckets: minimise the cost model above over contiguous
     runs of the length-sorted documents (an exact dynamic programme, O(n^2)); each bucket is
-    longest first. Empty documents are left out."""
+    longest first. Empty documents are left out. ``heads``: query heads on this rank."""
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
     n = len(order)
     if n == 0:
         return []
+    if heads > BATCH_MAX_HEADS:
+        return [[i] for i in order]
     overhead = call_overhead_pairs / max(1, heads)
     best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j (longest) documents
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(j):  # bucket = order[i:j], its longest is order[i]
             longest = lengths[order[i]]
-            factor = 1.0 if j - i == 1 else batch_penalty
-            cost = best[i] + overhead + factor * (j - i) * longest * (longest + 1) / 2
+            alone = j - i == 1
+            cost = (best[i] + overhead * (1.0 if alone else BATCH_OVERHEAD_FACTOR)
+                    + (1.0 if alone else batch_penalty) * (j - i) * longest * (longest + 1) / 2)
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     buckets, j = [], n
