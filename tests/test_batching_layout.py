@@ -163,3 +163,22 @@ def test_to_moves_every_tensor():
     assert len(tensors) == 10 and all(t.device.type == "meta" for t in tensors)
     q = pad_micro_batch(ids, targets, mask, mb, {"old": torch.randn(ids.shape)}).to("meta")
     assert all(t.device.type == "meta" for t in (q.rows, q.input_ids, q.token_extras["old"]))
+
+
+def test_build_micro_batches_of_every_rank_complete_the_batch():
+    """What the actor runs: each DP rank builds its layouts; the scattered per-rank results
+    summed over ranks (an all-reduce) give the whole batch in the original row order."""
+    from lens_megatron.batching.layout import build_micro_batches
+
+    ids, targets, mask = ragged_batch([6, 9, 5, 12, 7, 4, 10, 8])
+    old = torch.randn(ids.shape)
+    lengths = needed_lengths(mask)
+    for plan in (plan_packed(lengths, 2, 20, pad_multiple=2),
+                 plan_padded(lengths, 2, 2, pad_multiple=2, full_width=12)):
+        total = torch.zeros(ids.shape)
+        for rank in range(2):
+            layouts = build_micro_batches(plan, rank, ids, targets, mask, {"old": old})
+            assert len(layouts) == plan.num_micro_batches
+            assert all(type(lay).__name__.lower().startswith(plan.mode[:3]) for lay in layouts)
+            total += scatter_rows(layouts, [lay.token_extras["old"] for lay in layouts], 8, 12)
+        assert torch.equal(torch.where(mask, total, 0.0), torch.where(mask, old, 0.0))

@@ -30,7 +30,7 @@ import torch
 from .plan import MicroBatch
 
 __all__ = ["needed_lengths", "PaddedMicroBatch", "PackedMicroBatch", "pad_micro_batch",
-           "pack_micro_batch", "scatter_rows"]
+           "pack_micro_batch", "build_micro_batches", "scatter_rows"]
 
 
 def needed_lengths(target_mask: torch.Tensor) -> list[int]:
@@ -215,6 +215,19 @@ def pack_micro_batch(input_ids: torch.Tensor, targets: torch.Tensor, target_mask
         max_seqlen=max(segment_lengths),
         token_extras={k: pack(v) for k, v in (token_extras or {}).items()},
         sequence_extras={k: v[rows] for k, v in (sequence_extras or {}).items()})
+
+
+def build_micro_batches(plan, dp_rank: int, input_ids: torch.Tensor, targets: torch.Tensor,
+                        target_mask: torch.Tensor,
+                        token_extras: Optional[Mapping[str, torch.Tensor]] = None,
+                        sequence_extras: Optional[Mapping[str, torch.Tensor]] = None,
+                        device=None) -> list:
+    """The layouts of one rank's micro-batches under ``plan`` (padded or packed by
+    ``plan.mode``), in feed order, moved to ``device`` when given."""
+    make = pack_micro_batch if plan.mode == "packed" else pad_micro_batch
+    out = [make(input_ids, targets, target_mask, mb, token_extras, sequence_extras)
+           for mb in plan.micro_batches(dp_rank)]
+    return out if device is None else [mb.to(device) for mb in out]
 
 
 def scatter_rows(micro_batches: Sequence, values: Sequence[torch.Tensor], num_rows: int,
