@@ -12,12 +12,13 @@ from lens_megatron.parallel.spawn import run_in_processes
 
 
 def test_padding_multiple():
-    assert cp.padding_multiple(1) == 2
+    assert cp.padding_multiple(1) == 1  # no CP: nothing to split
+    assert cp.padding_multiple(1, tp_size=2, sequence_parallel=True, local_multiple=16) == 32
     assert cp.padding_multiple(2) == 4
     assert cp.padding_multiple(4) == 8
     assert cp.padding_multiple(2, tp_size=2) == 4  # TP matters only under SP
     assert cp.padding_multiple(2, tp_size=2, sequence_parallel=True) == 8
-    assert cp.padding_multiple(2, local_multiple=16) == 32  # each rank's S/CP a multiple of 16
+    assert cp.padding_multiple(2, local_multiple=16) == 64  # each rank's chunks multiples of 16
     assert cp.padded_length(13, 4) == 16 and cp.padded_length(16, 4) == 16
     assert cp.padded_length(0, 4) == 0
 
@@ -28,6 +29,8 @@ def test_chunks_are_megatrons():
     assert cp.local_positions(8, 0, 2).tolist() == [0, 1, 6, 7]
     assert cp.local_positions(8, 1, 2).tolist() == [2, 3, 4, 5]
     assert cp.local_positions(12, 1, 3).tolist() == [2, 3, 8, 9]
+    assert cp.local_positions(7, 0, 1).tolist() == list(range(7))  # CP=1 is the identity
+    assert cp.thd_local_index([0, 3, 8], 0, 1).tolist() == list(range(8))
 
 
 @pytest.mark.parametrize("cp_size", [2, 3, 4])
@@ -116,7 +119,8 @@ def test_thd_positions_within_documents():
 
 
 def test_errors_name_the_key_and_the_fix():
-    with pytest.raises(ValueError, match=r"model.context_parallel_size=2.*multiple of 4.*pad it to 12"):
+    message = r"model.context_parallel_size=2.*multiple of 4.*pad it to 12"
+    with pytest.raises(ValueError, match=message):
         cp.split_for_rank(torch.zeros(1, 10), 0, 2)
     with pytest.raises(ValueError, match="multiple of 2\\*CP = 4"):
         cp.thd_local_index([0, 6], 0, 2)

@@ -10,7 +10,7 @@ memory of the step — activations, attention buffers and the parameter gradient
 the backward; reported separately so they can be subtracted). The CP=2 loss is checked against
 the CP=1 loss (the two must compute the same thing).
 
-    python tools/bench_context_parallel.py                       # 2,048 tokens, hidden 256, 4 layers
+    python tools/bench_context_parallel.py           # 2,048 tokens, hidden 256, 4 layers
     python tools/bench_context_parallel.py --seq 4096 --cp 1 2 4 --json out.json
 """
 from __future__ import annotations

@@ -182,7 +182,8 @@ class ContextParallelSDPAttention(MegatronModule):
             group = parallel_state.get_context_parallel_group()
         self.cp_group = group
         self.softmax_scale = softmax_scale
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -196,7 +197,8 @@ class ContextParallelSDPAttention(MegatronModule):
                                               self.softmax_scale, dropout)
         p = packed_seq_params
         if p.qkv_format != "thd":
-            raise NotImplementedError(f"packed sequences need qkv_format='thd', got {p.qkv_format!r}")
+            raise NotImplementedError(
+                f"packed sequences need qkv_format='thd', got {p.qkv_format!r}")
         if query.dim() == 4:
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
         padded = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q

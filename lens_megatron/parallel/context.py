@@ -19,7 +19,6 @@ explicitly and reads no megatron global state. Every split has a tested inverse
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,16 +30,17 @@ import torch.distributed as dist
 
 def padding_multiple(cp_size: int, tp_size: int = 1, sequence_parallel: bool = False,
                      local_multiple: int = 1) -> int:
-    """The multiple a sequence (or a THD document slot) is padded to under CP.
+    """The multiple a sequence (or a THD document slot) is padded to.
 
-    ``2·CP`` (two equal chunks per rank); ``×TP`` under sequence parallelism (each rank's
-    ``S/CP`` tokens are scattered over TP); ``local_multiple`` asks that each rank's share
-    ``S/CP`` be a multiple of it too (e.g. 16 for FP8 GEMMs)."""
+    ``2·CP`` under CP (two equal chunks per rank; 1 without CP), ``×TP`` under sequence
+    parallelism (each rank's ``S/CP`` tokens are scattered over TP), ``×local_multiple`` so that
+    every rank's share ``S/(CP·TP)`` is a multiple of it (16 for FP8 GEMMs). At CP=1 this is the
+    actor's multiple without CP (``ModelConfig.sequence_multiple``)."""
     if cp_size < 1 or tp_size < 1 or local_multiple < 1:
         raise ValueError(f"sizes must be >= 1, got cp={cp_size} tp={tp_size} "
                          f"local_multiple={local_multiple}")
-    base = 2 * cp_size * (tp_size if sequence_parallel else 1)
-    return math.lcm(base, cp_size * local_multiple)
+    chunks = 2 * cp_size if cp_size > 1 else 1
+    return chunks * (tp_size if sequence_parallel else 1) * local_multiple
 
 
 def padded_length(length: int, multiple: int) -> int:
@@ -70,6 +70,8 @@ def thd_local_index(cu_seqlens_padded: Sequence[int] | torch.Tensor, cp_rank: in
     ``thd_get_partitioned_indices``). Every slot length must be a multiple of ``2·CP``."""
     _check_rank(cp_rank, cp_size)
     cu = int_list(cu_seqlens_padded)
+    if cp_size == 1:  # no split: every token, in order
+        return torch.arange(cu[-1] if cu else 0, device=device)
     first, second = chunk_ids(cp_rank, cp_size)
     pieces = []
     for start, end in zip(cu[:-1], cu[1:]):
@@ -112,8 +114,8 @@ def gather_order(seq_len: int, cp_size: int, device=None) -> torch.Tensor:
 
 
 def check_sequence_length(seq_len: int, cp_size: int, multiple: Optional[int] = None) -> None:
-    """Raise when ``seq_len`` is not a multiple of ``multiple`` (default ``2·CP``)."""
-    multiple = multiple or 2 * cp_size
+    """Raise when ``seq_len`` is not a multiple of ``multiple`` (default ``padding_multiple``)."""
+    multiple = multiple or padding_multiple(cp_size)
     if seq_len % multiple:
         raise ValueError(
             f"model.context_parallel_size={cp_size}: the sequence length {seq_len} must be a "
@@ -204,8 +206,9 @@ def thd_layout(lengths: Sequence[int], cp_rank: int, cp_size: int, multiple: int
                device=None) -> ThdCpLayout:
     """The THD CP layout of documents of real ``lengths``, each slot padded to ``multiple``
     (a multiple of ``2·CP``, see ``padding_multiple``)."""
-    if multiple % (2 * cp_size):
-        raise ValueError(f"multiple {multiple} must be a multiple of 2*CP = {2 * cp_size}")
+    if multiple % padding_multiple(cp_size):
+        raise ValueError(f"multiple {multiple} must be a multiple of padding_multiple(CP) = "
+                         f"{padding_multiple(cp_size)}")
     slots = [padded_length(n, multiple) for n in lengths]
     cu = [0]
     cu_padded = [0]
