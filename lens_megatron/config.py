@@ -69,7 +69,13 @@ class ModelConfig:
     fp8: Optional[str] = None  # null | hybrid | e4m3 (needs Transformer Engine)
     fp8_recipe: str = "delayed"
     transformer_impl: str = "auto"  # auto | local | transformer_engine
-    micro_batch_size: int = 8  # sequences per micro-batch (training and log-prob passes)
+    micro_batch_size: int = 8  # sequences per micro-batch (padded path: training and log-probs)
+    # packed sequences: several whole sequences per [1, T] row, per-document causal attention,
+    # micro-batches formed by a token budget (prompt + response tokens) instead of a row count
+    sequence_packing: bool = False
+    max_tokens_per_microbatch: int = 8192
+    # log-probs from hidden states x LM head without materialising the logits (kernels/)
+    fused_linear_logprobs: bool = False
     load: Optional[str] = None  # Megatron distributed checkpoint to start from (lens-convert)
     init_seed: int = 1234  # layout-independent random init when `load` is null
 
@@ -86,11 +92,15 @@ class ModelConfig:
         return Precision(params=self.precision, fp8=self.fp8, fp8_recipe=self.fp8_recipe)
 
     def sequence_multiple(self) -> int:
-        """Every micro-batch's sequence width is padded to a multiple of this: TP under
-        sequence parallelism (each rank holds 1/TP of the sequence), times 16 with FP8
-        (Transformer Engine's FP8 GEMMs need token counts that are multiples of 16)."""
-        sp = self.tensor_model_parallel_size if self.sequence_parallel else 1
-        return sp * (FP8_TOKEN_MULTIPLE if self.fp8 is not None else 1)
+        """Every micro-batch's sequence width (or packed length) is padded to a multiple of
+        this: 2·CP under context parallelism (megatron's two load-balanced chunks per rank),
+        times TP under sequence parallelism (each rank holds 1/TP of the sequence), times 16
+        with FP8 (Transformer Engine's FP8 GEMMs need token counts that are multiples of 16)."""
+        from .parallel.context import padding_multiple
+
+        return padding_multiple(self.context_parallel_size, self.tensor_model_parallel_size,
+                                self.sequence_parallel,
+                                FP8_TOKEN_MULTIPLE if self.fp8 is not None else 1)
 
 
 @dataclass
@@ -317,6 +327,15 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 seconds")
     _check(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = in-process)")
     _validate_old_logprobs(cfg)
+    m = cfg.model
+    if m.context_parallel_size > 1 and cfg.rollout.engine == "megatron" and not separate:
+        _check(m.tensor_model_parallel_size == 1 and m.pipeline_model_parallel_size == 1
+               and cfg.rollout.kv_cache, "rollout.engine",
+               "the native sampler generates whole sequences on the actor's model; at "
+               "model.context_parallel_size > 1 it needs its lean KV-cache decoder "
+               "(tensor_model_parallel_size = pipeline_model_parallel_size = 1 and "
+               "rollout.kv_cache: true) — or use rollout.engine: vllm, or rollout.placement: "
+               "separate")
     if cfg.rollout.group_size == 1:
         raise ConfigError("rollout.group_size: LENS/GRPO need G >= 2 samples per prompt to "
                           "compare within a group; set rollout.group_size >= 2")
@@ -353,7 +372,8 @@ def _validate_trainer(t: TrainerConfig) -> None:
 
 
 def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> None:
-    from .models.layer_spec import TE_INSTALL_HINT, transformer_engine_available
+    from .models.layer_spec import (TE_INSTALL_HINT, resolve_transformer_impl,
+                                    transformer_engine_available)
 
     a = m.arch
     tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
@@ -403,15 +423,23 @@ def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> Non
         _validate_fp8_shapes(m)
     if m.transformer_impl == "transformer_engine":
         _check(te, "model.transformer_impl", TE_INSTALL_HINT)
-    # The actor feeds every rank whole sequences; context parallelism would need them split
-    # over CP ranks (and the per-token results gathered back). Refuse rather than run wrong.
-    _check(cp == 1, "model.context_parallel_size",
-           "context parallelism is not implemented in the actor (sequences are not split over "
-           "CP ranks); set it to 1 and shard long sequences with tensor_model_parallel_size > 1 "
-           "and sequence_parallel: true, or lower model.micro_batch_size")
+    if cp > 1:
+        _check(not m.sequence_packing, "model.sequence_packing",
+               "packed sequences with model.context_parallel_size > 1 are not supported yet (the "
+               "per-rank THD split is built but not tested end to end); use padded micro-batches "
+               "(sequence_packing: false) with context parallelism")
+        _check(m.fp8 is None or resolve_transformer_impl(m.transformer_impl) != "local",
+               "model.fp8", "FP8 needs Transformer Engine; the local spec's context-parallel "
+               "attention runs in fp32/bf16/fp16")
     _check(not m.sequence_parallel or tp > 1, "model.sequence_parallel",
            "sequence parallelism needs tensor_model_parallel_size > 1")
     _check(m.micro_batch_size >= 1, "model.micro_batch_size", "must be >= 1")
+    multiple = m.sequence_multiple()
+    _check(not m.sequence_packing or (m.max_tokens_per_microbatch >= multiple
+                                      and m.max_tokens_per_microbatch % multiple == 0),
+           "model.max_tokens_per_microbatch",
+           f"must be a positive multiple of {multiple} (packed rows are padded to it: TP under "
+           "sequence parallelism, 16 with FP8)")
     if a.rope_scaling is not None:
         _check(a.rope_scaling.high_freq_factor > a.rope_scaling.low_freq_factor,
                "model.arch.rope_scaling", "high_freq_factor must exceed low_freq_factor")

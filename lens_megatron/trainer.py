@@ -95,8 +95,10 @@ class LensTrainer:
             from .rollout.factory import build_engine
 
             self.engine = build_engine(cfg, self.actor, self.tokenizer)
-            shard_fn = engine_shard_fn(self.engine, self.actor.dp_rank, self.actor.dp_size,
-                                       is_model_parallel_leader())
+            from megatron.core import parallel_state
+
+            leader = is_model_parallel_leader() and parallel_state.get_context_parallel_rank() == 0
+            shard_fn = engine_shard_fn(self.engine, self.actor.dp_rank, self.actor.dp_size, leader)
             self.scorer = RolloutScorer(cfg.reward) if shard_fn(1)[2] else None
             self.rollouts = LocalRollouts(cfg, self.engine, self.scorer, self.prompts, shard_fn)
         else:

@@ -71,15 +71,24 @@ class PaddedMicroBatch:
         b, width = self.input_ids.shape
         return torch.arange(width, device=self.input_ids.device).expand(b, width)
 
+    def _index(self, values: torch.Tensor, width: int):
+        keep = min(values.shape[1], width)
+        cols = torch.arange(keep, device=values.device)
+        rows = self.rows.to(values.device)[:, None].expand(-1, keep)
+        return (rows, cols.expand(len(self.rows), -1)), values[:, :keep]
+
     def unpack(self, values: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
         """``values [b, w, ...]`` -> ``[num_rows, width, ...]``: row i at ``rows[i]``, first
         ``min(w, width)`` columns; zeros elsewhere. Differentiable."""
-        keep = min(values.shape[1], width)
         out = values.new_zeros((num_rows, width, *values.shape[2:]))
-        cols = torch.arange(keep, device=values.device)
-        rows = self.rows.to(values.device)[:, None].expand(-1, keep)
-        index = (rows, cols.expand(len(self.rows), -1))
-        return out.index_put(index, values[:, :keep])
+        index, source = self._index(values, width)
+        return out.index_put(index, source)
+
+    def unpack_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values [b, w, ...]`` at this micro-batch's rows of ``out [N, S, ...]`` (in
+        place, no temporary of the batch's size)."""
+        index, source = self._index(values, out.shape[1])
+        out.index_put_(index, source.to(out.dtype))
 
 
 def _cut(value: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
@@ -158,15 +167,24 @@ class PackedMicroBatch:
         real = real.reshape(*real.shape, *([1] * (flat.dim() - 1)))
         return torch.where(real, gathered, torch.zeros((), dtype=flat.dtype, device=flat.device))
 
-    def unpack(self, values: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
-        """``values [1, T, ...]`` -> ``[num_rows, width, ...]``: each document at its original
-        row, columns ``[0, length)``; zeros elsewhere (padding dropped). Differentiable."""
+    def _scatter_index(self, values: torch.Tensor):
         flat = self._flat(values)
         index, real = self._row_index(flat.device)
         rows = self.rows.to(flat.device)[:, None].expand_as(index)
         cols = torch.arange(index.shape[1], device=flat.device).expand_as(index)
+        return flat, (rows[real], cols[real]), flat[index[real]]
+
+    def unpack(self, values: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
+        """``values [1, T, ...]`` -> ``[num_rows, width, ...]``: each document at its original
+        row, columns ``[0, length)``; zeros elsewhere (padding dropped). Differentiable."""
+        flat, index, source = self._scatter_index(values)
         out = flat.new_zeros((num_rows, width, *flat.shape[1:]))
-        return out.index_put((rows[real], cols[real]), flat[index[real]])
+        return out.index_put(index, source)
+
+    def unpack_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values [1, T, ...]`` at the documents' original rows of ``out`` (in place)."""
+        _, index, source = self._scatter_index(values)
+        out.index_put_(index, source.to(out.dtype))
 
     def expand(self, per_sequence: torch.Tensor) -> torch.Tensor:
         """``[n]`` per-document values -> ``[1, T]`` per token (0 on padding)."""
@@ -237,10 +255,12 @@ def scatter_rows(micro_batches: Sequence, values: Sequence[torch.Tensor], num_ro
     (e.g. another DP rank's), so a sum over ranks completes it."""
     if len(micro_batches) != len(values):
         raise ValueError("one result per micro-batch")
-    out = None
-    for mb, value in zip(micro_batches, values):
-        part = mb.unpack(value, num_rows, width)
-        out = part if out is None else out + part
-    if out is None:
+    if not micro_batches:
         raise ValueError("no micro-batches to scatter")
+    first = values[0]
+    trailing = first.shape[2:] if isinstance(micro_batches[0], PaddedMicroBatch) else \
+        micro_batches[0]._flat(first).shape[1:]
+    out = first.new_zeros((num_rows, width, *trailing))
+    for mb, value in zip(micro_batches, values):  # rows are disjoint: write in place
+        mb.unpack_into(out, value)
     return out

@@ -47,8 +47,15 @@ class SDPACoreAttention(MegatronModule):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None, **kwargs):
         super().__init__(config=config)
+        # Context parallelism: all-gather K/V over the CP group (models/context_attention.py).
+        self.cp_attention = None
         if config.context_parallel_size != 1:
-            raise ValueError("context parallelism needs the Transformer Engine layer spec")
+            from .context_attention import ContextParallelSDPAttention
+
+            self.cp_attention = ContextParallelSDPAttention(
+                config, layer_number, attn_mask_type, attention_type,
+                attention_dropout=attention_dropout, softmax_scale=softmax_scale,
+                cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         tp_size = config.tensor_model_parallel_size
         self.heads = config.num_attention_heads // tp_size
         self.groups = config.num_query_groups // tp_size
@@ -59,6 +66,9 @@ class SDPACoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
+        if self.cp_attention is not None:
+            return self.cp_attention(query, key, value, attention_mask, attn_mask_type,
+                                     attention_bias, packed_seq_params)
         if attention_bias is not None:
             raise NotImplementedError("SDPA core attention: no attention bias")
         dropout = self.dropout_p if self.training else 0.0

@@ -30,7 +30,10 @@ logger = logging.getLogger(__name__)
 
 
 def engine_shard_fn(engine, dp_rank: int, dp_size: int, leader: bool):
-    """How a step's prompts are shared over the generating replicas of this role's world."""
+    """How a step's prompts are shared over the generating replicas of this role's world.
+    ``leader``: does this rank score and publish its share (one rank per share: under context
+    parallelism the CP ranks of a DP rank generate the same share, and only CP rank 0 may
+    publish it)."""
     layout = getattr(engine, "layout", None)
 
     def shard(n: int):
