@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -36,6 +37,7 @@ from .batching import PackedMicroBatch, build_micro_batches, needed_lengths, pla
 from .config import LensTrainConfig
 from .metric_reduction import reduce_metrics
 from .models.builder import build_model_chunks
+from .models.fused_head import hidden_states_out
 from .optimizer import TrainingModel, optimizer_step, setup_training, zero_grads
 from .parallel import cpu_mode
 from .parallel.device import module_device
@@ -124,16 +126,23 @@ class LensActor:
     def cp_size(self) -> int:
         return _ps().get_context_parallel_world_size()
 
-    def _kernel(self, logits, targets, mask, entropy: bool):
-        from lens_kernels import logprobs_and_confidence
+    def _kernel(self, output, mb, model, entropy: bool):
+        """Token log-probs (and entropy) of a micro-batch from the model's output: logits, or
+        with ``model.fused_linear_logprobs`` the hidden states times the LM head, a few token
+        chunks at a time (``models/fused_head.py``)."""
+        from lens_kernels import linear_logprobs_and_confidence, logprobs_and_confidence
 
         ps = _ps()
         group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-        return logprobs_and_confidence(
-            logits, targets, mask, tp_group=group, temperature=self.temperature,
-            return_entropy=entropy, valid_vocab=self.arch.vocab_size,
-            inplace_backward=True,
-        )
+        options = dict(tp_group=group, temperature=self.temperature, return_entropy=entropy,
+                       valid_vocab=self.arch.vocab_size)
+        if self.cfg.model.fused_linear_logprobs:
+            from .models.fused_head import head_weight
+
+            return linear_logprobs_and_confidence(output, head_weight(model), mb.targets, mb.mask,
+                                                  **options)
+        return logprobs_and_confidence(output, mb.targets, mb.mask, inplace_backward=True,
+                                       **options)
 
     def _plan(self, tokens: TokenBatch):
         """Which rows this call's micro-batches hold, on every DP rank (host, deterministic)."""
@@ -171,12 +180,13 @@ class LensActor:
             mb = next(data_iterator)
             extra = ({"packed_seq_params": packed_seq_params(mb)}
                      if isinstance(mb, PackedMicroBatch) else {})
-            logits = model(mb.input_ids, mb.position_ids, None, **extra)
-            return logits, lambda out: loss_for_batch(out, mb)
+            output = model(mb.input_ids, mb.position_ids, None, **extra)
+            return output, lambda out: loss_for_batch(out, mb, model)
 
         iterators = [iter(batches) for _ in chunks]
         first = batches[0]
-        with cpu_mode.cuda_to_cpu():
+        fused = self.cfg.model.fused_linear_logprobs
+        with cpu_mode.cuda_to_cpu(), hidden_states_out(chunks) if fused else nullcontext():
             return get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=iterators if len(chunks) > 1 else iterators[0],
@@ -200,8 +210,8 @@ class LensActor:
         """Token log-probs ``[N, S]`` (and entropy) of the whole batch, on every rank."""
         chunks = self.reference_chunks if reference else self.chunks
 
-        def collect(logits, mb):
-            out = self._kernel(logits, mb.targets, mb.mask, entropy)
+        def collect(output, mb, model):
+            out = self._kernel(output, mb, model, entropy)
             kept = out.token_logprobs.detach()
             if entropy:
                 kept = torch.stack([kept, out.entropy.detach()], dim=-1)
@@ -258,8 +268,8 @@ class LensActor:
         sequence_extras = {"advantages": advantages.to(self.device)}
         batches = self._micro_batches(tokens, token_extras, sequence_extras)
 
-        def policy_loss(logits, mb):
-            out = self._kernel(logits, mb.targets, mb.mask, entropy=True)
+        def policy_loss(output, mb, model):
+            out = self._kernel(output, mb, model, entropy=True)
             rows, extras = (lambda x: self._rows(mb, x)), mb.token_extras
             loss, metrics = self.loss_fn(
                 rows(out.token_logprobs), rows(extras["old_logprobs"]),
@@ -315,8 +325,8 @@ class LensActor:
         total_tokens = tokens.target_mask.sum().clamp(min=1).to(self.device)
         batches = self._micro_batches(tokens, {}, {})
 
-        def nll(logits, mb):
-            out = self._kernel(logits, mb.targets, mb.mask, entropy=False)
+        def nll(output, mb, model):
+            out = self._kernel(output, mb, model, entropy=False)
             loss = -out.token_logprobs.sum() / total_tokens
             return loss, torch.zeros((), dtype=torch.int), {"loss": loss.detach().float(),
                                                              "num_tokens": out.num_tokens.sum()}
