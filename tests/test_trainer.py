@@ -287,14 +287,14 @@ def dp_metrics_worker(tmp_dir, devices, prompts, updates=2):
     init_for(cfg)
     trainer = LensTrainer(cfg)
     seen = {}
-    original = trainer._rollout_and_score
+    original = trainer.rollouts.next
 
-    def spy(prompt_batch, timings):
-        out = original(prompt_batch, timings)
-        seen["ids"] = out[0].input_ids.clone()
-        return out
+    def spy(step):
+        scored = original(step)
+        seen["ids"] = scored.batch.input_ids.clone()
+        return scored
 
-    trainer._rollout_and_score = spy
+    trainer.rollouts.next = spy
     metrics = trainer.train_step()
     trainer.close()
     keep = {k: v for k, v in metrics.items() if k.startswith(("train/", "reward/", "groups/"))
@@ -350,3 +350,49 @@ def test_sampling_preference_gets_the_engine_logprobs(tmp_path):
     grpo = run_in_processes(preference_worker, 1, (str(tmp_path / "grpo"), ["lens.estimator=grpo"]))[0]
     assert got["groups/mixed_group_ratio"] > 0
     assert got["advantage/abs_mean"] == pytest.approx(grpo["advantage/abs_mean"], rel=1e-4)
+
+
+def old_logprobs_worker(tmp_dir, source):
+    from lens_megatron.trainer import LensTrainer
+
+    cfg = tiny_config(tmp_dir, f"loss.old_logprobs={source}", "model.init_seed=3",
+                      "reward.judge=trainer_helpers:every_third_correct_judge",
+                      "optim.lr=0.05", "optim.adam_eps=1.0")
+    init_for(cfg)
+    trainer = LensTrainer(cfg)
+    force_boxed_answers(trainer)
+    calls = []
+    original = trainer.actor.compute_logprobs
+    trainer.actor.compute_logprobs = lambda *a, **k: calls.append(1) or original(*a, **k)
+    metrics = trainer.train_step()
+    weights = full_weights(trainer)
+    trainer.close()
+    return metrics, weights, len(calls)
+
+
+def test_old_logprobs_from_the_engine_equal_the_recompute(tmp_path):
+    """loss.old_logprobs: engine skips the old-log-prob forward and, where the engine samples the
+    trainer's distribution (fp32 native sampler, one update, no truncation), gives the same loss,
+    gradient and weights as recomputing pi_old."""
+    rec, rec_w, rec_calls = run_in_processes(old_logprobs_worker, 1, (str(tmp_path / "r"), "recompute"))[0]
+    eng, eng_w, eng_calls = run_in_processes(old_logprobs_worker, 1, (str(tmp_path / "e"), "engine"))[0]
+    assert rec_calls == 1 and eng_calls == 0
+    assert eng["setup/old_logprobs_from_engine"] == 1.0 and rec["setup/old_logprobs_from_engine"] == 0.0
+    assert rec["groups/mixed_group_ratio"] > 0 and rec["train/grad_norm"] > 0
+    for key in ("train/loss", "train/grad_norm", "advantage/abs_mean"):
+        assert eng[key] == pytest.approx(rec[key], rel=1e-5, abs=1e-5), key
+    for name, value in rec_w.items():
+        torch.testing.assert_close(eng_w[name], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.updates_per_rollout=2", "optim.updates_per_rollout"),
+    ("rollout.top_k=5", "rollout.top_k"),
+    ("rollout.top_p=0.9", "rollout.top_k"),
+    ("loss.rollout_correction=tis_token", "loss.rollout_correction"),
+])
+def test_old_logprobs_from_the_engine_refused_where_it_is_not_pi_old(tmp_path, override, key):
+    from lens_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*old_logprobs: engine"):
+        tiny_config(str(tmp_path), "loss.old_logprobs=engine", override)

@@ -153,13 +153,17 @@ class ClippedPolicyLoss:
         ref_logprobs: torch.Tensor | None = None,
         rollout_weights: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
+        tokens_per_sequence: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Micro-batch loss (a 0-d tensor with grad w.r.t. ``logprobs``) and detached metrics.
 
         ``logprobs``/``old_logprobs``/``mask`` ``[B, S]``; ``advantages`` ``[B]``;
         ``global_normalizer`` the global sequence or token count (``compute_global_normalizer``);
         ``ref_logprobs`` required when ``kl_coef > 0``; ``rollout_weights`` ``[B, S]`` from
-        ``rollout_correction_weights``; ``entropy`` ``[B, S]`` only for the metrics.
+        ``rollout_correction_weights``; ``entropy`` ``[B, S]`` only for the metrics;
+        ``tokens_per_sequence`` ``[B]``: each sequence's response-token count when this call
+        sees only part of its tokens (context parallelism: the per-sequence mean of Eq. 3 must
+        divide by the whole sequence's count, not by the tokens on this rank).
         """
         cfg = self.cfg
         self._check(logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_weights, entropy)
@@ -184,7 +188,8 @@ class ClippedPolicyLoss:
             objective = objective - cfg.kl_coef * kl_ref
         objective = torch.where(valid, objective, 0.0)
         if cfg.normalization == "sequence":
-            tokens_per_seq = valid.sum(dim=1).clamp(min=1).to(objective.dtype)
+            counts = valid.sum(dim=1) if tokens_per_sequence is None else tokens_per_sequence
+            tokens_per_seq = counts.clamp(min=1).to(objective.dtype)
             total = (objective.sum(dim=1) / tokens_per_seq).sum()  # per-sequence mean, Eq. 3
         else:
             total = objective.sum()
