@@ -36,6 +36,8 @@ def _rollout_side_digests(worker) -> dict:
     from lens_megatron.models.gather import gather_full_state_dict
 
     seen = {}
+    if not hasattr(worker.generator, "chunks"):  # vLLM: no megatron model to digest
+        return seen
     apply = worker.generator.apply_weights
     arch = worker.cfg.model.arch
 
