@@ -62,6 +62,9 @@ WRITER_PROBE = textwrap.dedent('''
     before = {p.pid for p in psutil.Process().children()}
     _start_writer_queue_shielded()
     pid = manager_pid(before)
+    # forked (the parent's command line, torch already imported), not a spawned interpreter
+    # that imports torch to unpickle the first write result (3.3 s of a tiny model's first save)
+    print("forked", psutil.Process(pid).cmdline() == psutil.Process().cmdline())
     print("shielded", survives(pid))
     queue = filesystem_async._get_write_results_queue()
     queue.put("ok")
@@ -74,7 +77,8 @@ def test_checkpoint_writer_manager_survives_relayed_preemption_signals():
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.split()
-    assert lines == ["plain", "False", "shielded", "True", "queue", "ok"], res.stdout + res.stderr
+    assert lines == ["plain", "False", "forked", "True", "shielded", "True", "queue", "ok"], (
+        res.stdout + res.stderr)
 
 
 @pytest.mark.parametrize("blocked", [False, True])

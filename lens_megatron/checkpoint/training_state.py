@@ -38,19 +38,25 @@ def checkpoint_root(exp_dir: str, name: str) -> str:
 
 
 def _start_writer_queue_shielded() -> None:
-    """Start megatron's checkpoint-writer results queue shielded from preemption signals.
+    """Start megatron's checkpoint-writer results queue: forked, shielded from preemption signals.
 
-    megatron's async filesystem writer spawns a multiprocessing Manager process at the first
-    save. Under SLURM a preemption signal reaches every process of the step, and that Manager
-    died of a SIGUSR1 that arrived during a save: the save on preemption failed with EOFError
-    (measured with two SLURM nodes). See ``preemption.signals_blocked_for_children``.
+    megatron 0.16 keeps the writer's results in a multiprocessing Manager queue that it starts
+    with the *spawn* context at the first save. Two costs of that here, both measured:
+    (1) Under SLURM a preemption signal reaches every process of the step, and that Manager died
+    of a SIGUSR1 that arrived during a save: the save on preemption failed with EOFError (two
+    SLURM nodes). See ``preemption.signals_blocked_for_children``. (2) The spawned Manager is a
+    bare interpreter that imports torch when it unpickles the first write result: 3.3 of the
+    3.7 s of a tiny model's first save (cProfile, one process). A *forked* Manager has torch
+    already; megatron itself forks its writer workers in the same save.
     """
+    import multiprocessing
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", True) is not None:
         return  # already started (or a megatron without this lazily started queue)
     with signals_blocked_for_children():
-        filesystem_async._get_write_results_queue()
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
 def _step_dir(root: str, step: int) -> str:
