@@ -16,6 +16,7 @@ made here; :meth:`NetnsSlurmCluster.stop` kills what is left in them and deletes
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -26,6 +27,56 @@ from slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
 
 SUBNET = "10.199.0"
 NAMESPACE_TOOLS = ("ip", "nsenter", "unshare", "mount")
+#: Our namespaces: lens<pid of the pytest process>c / n<node>.
+_OURS = re.compile(r"lens(\d+)(?:c|n\d+)")
+
+
+def pids_in_namespace(netns: str) -> list[int]:
+    """Processes whose network namespace is /run/netns/``netns``."""
+    try:
+        target = os.stat(f"/run/netns/{netns}").st_ino
+    except FileNotFoundError:
+        return []
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{entry}/ns/net").st_ino == target:
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _kill_all_in(netns: str) -> None:
+    for _ in range(20):
+        pids = pids_in_namespace(netns)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.25)
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Delete namespaces a killed earlier run left (its pytest pid is gone); returns them.
+
+    A run ended by SIGKILL never reaches :meth:`NetnsSlurmCluster.stop`; its daemons keep
+    running inside namespaces no test owns, and its subnet would clash with the next run's."""
+    try:
+        names = os.listdir("/run/netns")
+    except FileNotFoundError:
+        return []
+    stale = []
+    for name in names:
+        found = _OURS.fullmatch(name)
+        if found and not os.path.exists(f"/proc/{found.group(1)}"):
+            _kill_all_in(name)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+            stale.append(name)
+    return stale
 
 
 class NetnsSlurmCluster(SlurmCluster):
@@ -78,6 +129,7 @@ PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINI
                 "namespaces, a bridge and veth pairs (iproute2)")
 
     def _make_network(self) -> None:
+        remove_stale_namespaces()
         for name, ns in self.namespaces.items():
             if Path(f"/run/netns/{ns}").exists():
                 raise SlurmUnavailable(f"network namespace {ns} already exists (left by an "
@@ -125,19 +177,7 @@ PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINI
     # -- processes on a node ------------------------------------------------------------
     def pids_in(self, host: str) -> list[int]:
         """Processes whose network namespace is ``host``'s."""
-        try:
-            target = os.stat(f"/run/netns/{self.namespaces[host]}").st_ino
-        except FileNotFoundError:
-            return []
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.stat(f"/proc/{entry}/ns/net").st_ino == target:
-                        pids.append(int(entry))
-                except OSError:
-                    continue
-        return pids
+        return pids_in_namespace(self.namespaces[host])
 
     def job_pids(self, node: str, job_id: int) -> list[int]:
         """Processes of job ``job_id`` on ``node`` (its tasks and their children; not slurmstepd)."""
@@ -158,16 +198,8 @@ PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINI
         try:
             super().stop(grace)
         finally:
-            for _ in range(20):
-                left = [pid for host in self.namespaces for pid in self.pids_in(host)]
-                if not left:
-                    break
-                for pid in left:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                time.sleep(0.25)
+            for ns in self.namespaces.values():
+                _kill_all_in(ns)
             while self._made:
                 subprocess.run(["ip", "netns", "del", self._made.pop()], capture_output=True,
                                timeout=30)
