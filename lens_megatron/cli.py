@@ -10,10 +10,13 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 import warnings
 from typing import Optional, Sequence
 
-from .config import ConfigError, load_config, validate
+# Only light imports at module level: helper processes started with multiprocessing's spawn
+# (megatron's checkpoint writer, the verifier workers) re-import this ``__main__`` module, and
+# lens_megatron.config pulls in megatron-core (seconds of CPU per helper).
 from .parallel.env import detect_dist_env
 
 logger = logging.getLogger("lens_megatron")
@@ -42,6 +45,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 def load_and_check(config: Optional[str], overrides: Sequence[str]):
     """Load + validate the config against the launcher's world size (no process group yet)."""
+    from .config import ConfigError, load_config, validate
+
     cfg = load_config(config, overrides)
     env = detect_dist_env()
     if env.world_size != cfg.world_size:
@@ -81,7 +86,9 @@ def run_training(cfg, stop_requested=None) -> Optional[int]:
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done, 2 configuration error, PREEMPTED_EXIT_CODE (75) stopped by a
-    preemption signal after saving a checkpoint (the SLURM script requeues on it)."""
+    preemption signal after saving a checkpoint, PEER_LOST_EXIT_CODE (76) lost contact with
+    another rank (the message names its node); the SLURM script requeues on 75 and 76."""
+    from .config import ConfigError
     from .preemption import PreemptionHandler
 
     args = train_parser().parse_args(argv)
@@ -101,7 +108,18 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(to_yaml(cfg))
             return 0
-        code = run_training(cfg, stop_requested=handler.should_stop)
+        try:
+            code = run_training(cfg, stop_requested=handler.should_stop)
+        except Exception as exc:  # a dead peer: say which node, exit with the requeue code
+            from .parallel.env import PEER_LOST_EXIT_CODE
+            from .parallel.initialize import describe_peer_failure
+
+            lost = describe_peer_failure(exc, cfg.trainer.timeout_minutes)
+            if lost is None:
+                raise
+            traceback.print_exc()
+            print(f"lens-train: {lost}", file=sys.stderr, flush=True)
+            return PEER_LOST_EXIT_CODE
     finally:
         handler.uninstall()
     # A stop that arrived after the last step needs no requeue; a rollout rank leaves with the

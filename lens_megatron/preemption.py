@@ -26,6 +26,7 @@ later") tells the batch script that the run saved a resumable checkpoint and sho
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
@@ -185,5 +186,32 @@ def _all_reduce_max(value: int, group: Any = None) -> int:
     return int(flag.item())
 
 
-__all__ = ["PREEMPTED_EXIT_CODE", "DEFAULT_SIGNALS", "PreemptionHandler", "parse_signal",
-           "signal_name"]
+#: What a job step's helper processes must not die of: SLURM relays these to every process of
+#: the step (slurmstepd signals the whole process tree), not only to the trainer.
+RELAYED_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def signals_blocked_for_children(signals: Iterable[signal.Signals] = RELAYED_SIGNALS):
+    """Start helper processes (verifier workers, a checkpoint writer) inside this block.
+
+    A child inherits the blocked mask (across fork and exec), so it never receives a relayed
+    preemption signal, before or after its interpreter starts; it still ends by its own
+    protocol or SIGKILL. Here the signals stay pending and reach the flag-only handler when the
+    block ends. multiprocessing's resource tracker (a spawned helper too) is started inside the
+    block; its start-up unblocks SIGINT and SIGTERM (CPython bpo-33613), so the block is set
+    again before the caller's children start.
+    """
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+__all__ = ["PREEMPTED_EXIT_CODE", "DEFAULT_SIGNALS", "RELAYED_SIGNALS", "PreemptionHandler",
+           "parse_signal", "signal_name", "signals_blocked_for_children"]

@@ -470,3 +470,140 @@ def test_adapter_under_tensor_and_data_parallelism_with_kl(tmp_path, tp, dp):
         _check_against_trainer(out)
         assert out["metrics"] == outs[0]["metrics"] and out["fo_metrics"] == outs[0]["fo_metrics"]
     assert outs[0]["metrics"]["kl_ref"] == 0.0 < outs[0]["post_metrics"]["kl_ref"]  # moved off the init
+
+
+# ----------------------------------------------------------------------------- the real wheel
+# nemo-aligner==0.7.0 installs with only Jinja2 and jsonlines (`make test` installs it); its
+# alignable_interface.py is the contract our adapter implements.
+REAL_ABSTRACT = {"get_loss_and_metrics", "prepare_for_training_step", "finish_training_step",
+                 "prepare_for_inference", "finish_inference", "infer", "prepare_for_training",
+                 "finish_training"}
+OPTIONAL = {"prepare_for_validation_step", "finish_validation_step", "get_init_policy_logprobs"}
+
+
+def _real_interface():
+    """``AlignableGenerativeInterface`` from the installed wheel, or a failure saying how to
+    install it (these tests must run, not skip)."""
+    try:
+        from nemo_aligner.models.alignable_interface import AlignableGenerativeInterface
+    except ImportError as exc:
+        pytest.fail(f"nemo-aligner==0.7.0 is not importable ({exc}); `make install` installs it, "
+                    "by hand: pip install --no-deps nemo-aligner==0.7.0 Jinja2 jsonlines",
+                    pytrace=False)
+    return AlignableGenerativeInterface
+
+
+def _signature_problems(ours, theirs) -> list[str]:
+    """Why some call that ``theirs``' signature allows would fail on ``ours`` (empty: none).
+
+    Every parameter the interface names must exist with the same name, kind and position (so
+    positional and keyword calls both work) and keep a default if it has one; ours may not
+    require anything more, except where the interface itself leaves arguments open (*args or
+    **kwargs, as ``infer(*args, **kwargs)`` does)."""
+    import inspect
+
+    kinds = inspect.Parameter
+    t_params = list(inspect.signature(theirs).parameters.values())
+    o_params = list(inspect.signature(ours).parameters.values())
+    t_open_pos = any(p.kind is kinds.VAR_POSITIONAL for p in t_params)
+    t_open_kw = any(p.kind is kinds.VAR_KEYWORD for p in t_params)
+    o_by_name = {p.name: p for p in o_params}
+    named = [p for p in t_params if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)]
+    problems = []
+    for p in named:
+        q = o_by_name.get(p.name)
+        if q is None:
+            problems.append(f"parameter {p.name!r} is missing")
+            continue
+        if q.kind is not p.kind or o_params.index(q) != t_params.index(p):
+            problems.append(f"parameter {p.name!r} is {q.kind.description} at position "
+                            f"{o_params.index(q)}, the interface has {p.kind.description} at "
+                            f"{t_params.index(p)}")
+        if p.default is not kinds.empty and q.default is kinds.empty:
+            problems.append(f"parameter {p.name!r} has a default in the interface, not here")
+    for q in o_params:
+        if q.name in {p.name for p in named} or q.default is not kinds.empty:
+            continue
+        open_here = t_open_kw if q.kind is kinds.KEYWORD_ONLY else t_open_pos
+        if q.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD) and not open_here:
+            problems.append(f"parameter {q.name!r} is required here, unknown to the interface")
+    return problems
+
+
+def test_signature_check_catches_incompatible_methods():
+    class Interface:
+        def get_loss_and_metrics(self, batch, forward_only):
+            pass
+
+        def finish(self, flag=True):
+            pass
+
+    def missing(self, batch):
+        pass
+
+    def swapped(self, forward_only, batch):
+        pass
+
+    def extra(self, batch, forward_only, scale):
+        pass
+
+    def no_default(self, flag):
+        pass
+
+    def fine(self, batch, forward_only, scale=1.0):
+        pass
+
+    assert _signature_problems(missing, Interface.get_loss_and_metrics) == [
+        "parameter 'forward_only' is missing"]
+    assert len(_signature_problems(swapped, Interface.get_loss_and_metrics)) == 2
+    assert _signature_problems(extra, Interface.get_loss_and_metrics) == [
+        "parameter 'scale' is required here, unknown to the interface"]
+    assert _signature_problems(no_default, Interface.finish) == [
+        "parameter 'flag' has a default in the interface, not here"]
+    assert _signature_problems(fine, Interface.get_loss_and_metrics) == []
+
+
+def test_adapter_implements_the_real_alignable_generative_interface():
+    """LensAlignerActor against the real ``AlignableGenerativeInterface`` of the wheel:
+    registered as a subclass, every abstract (and optional) method present with a compatible
+    signature."""
+    AlignableGenerativeInterface = _real_interface()
+    from nemo_aligner import __version__
+
+    from lens_megatron.integrations.nemo_aligner import LensAlignerActor
+
+    assert __version__ == "0.7.0"
+    assert issubclass(LensAlignerActor, AlignableGenerativeInterface)
+    assert set(AlignableGenerativeInterface.__abstractmethods__) == REAL_ABSTRACT
+    for name in sorted(REAL_ABSTRACT | OPTIONAL):
+        ours = getattr(LensAlignerActor, name)
+        assert ours is not getattr(AlignableGenerativeInterface, name), f"{name} not implemented"
+        problems = _signature_problems(ours, getattr(AlignableGenerativeInterface, name))
+        assert not problems, f"LensAlignerActor.{name}: {problems}"
+
+
+def test_adapter_accepts_every_call_the_real_reinforce_trainer_makes():
+    """Each ``self.model.<method>(...)`` call in the wheel's ``algorithms/reinforce.py`` binds to
+    our method with the same positional count and keyword names."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    AlignableGenerativeInterface = _real_interface()
+    import nemo_aligner.algorithms
+
+    from lens_megatron.integrations.nemo_aligner import LensAlignerActor
+
+    source = Path(nemo_aligner.algorithms.__file__).with_name("reinforce.py").read_text()
+    interface = set(dir(AlignableGenerativeInterface))
+    calls = []
+    for node in ast.walk(ast.parse(source)):
+        f = node.func if isinstance(node, ast.Call) else None
+        if (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Attribute)
+                and f.value.attr == "model" and f.attr in interface):
+            calls.append((f.attr, len(node.args), [k.arg for k in node.keywords]))
+    assert {name for name, _, _ in calls} >= {"infer", "get_loss_and_metrics",
+                                              "prepare_for_training", "get_init_policy_logprobs"}
+    for name, positional, keywords in calls:
+        signature = inspect.signature(getattr(LensAlignerActor, name))
+        signature.bind(None, *[None] * positional, **dict.fromkeys(keywords))  # raises if not

@@ -21,11 +21,12 @@ optimizer's own per-parameter tensors are requested under the names the saving o
 the filled state dict goes to megatron's loader. ``dp_reshardable`` at another TP/PP, or into a one-rank run, is refused before
 anything is read, with the way out in the message.
 
-Two megatron-core 0.16 defects are worked around here, on the optimizer instance only:
+Three megatron-core 0.16 defects are worked around here, on the optimizer instance only:
 its ``fully_reshardable`` loader raises ``KeyError: 'step'`` with torch Adam (the per-parameter
-step is restored from the param groups but still expected among the loaded tensors), and a
+step is restored from the param groups but still expected among the loaded tensors), a
 restored torch Adam shares one ``step`` tensor between all parameters (then incremented once
-per parameter per step).
+per parameter per step), and its ``dp_reshardable`` loader leaves every parameter at Adam step 1
+(:func:`restore_adam_step` sets the step recorded in ``trainer_state.json``).
 """
 from __future__ import annotations
 
@@ -100,6 +101,18 @@ def unshare_adam_step_counters(optimizer) -> None:
         for state in getattr(torch_opt, "state", {}).values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
+
+
+def restore_adam_step(optimizer, step: int) -> None:
+    """Set every parameter's torch Adam ``step`` to the recorded ``step`` (each its own tensor).
+
+    megatron 0.16's ``dp_reshardable`` loader copies each parameter's ``step`` from the bucket
+    state, where it reads 1, over the step restored from the param groups: every update after
+    such a resume then used the bias correction of Adam step 2, 3, ... again."""
+    for inner in _inner_optimizers(optimizer):
+        for state in getattr(getattr(inner, "optimizer", None), "state", {}).values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step))
 
 
 def allow_stepless_fully_reshardable_load(optimizer) -> None:

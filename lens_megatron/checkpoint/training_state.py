@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..models.sharding import unwrap_model
 from ..parallel import cpu_mode
+from ..preemption import signals_blocked_for_children
 from . import optimizer_state
 from .model_io import chunks_sharded_state_dict
 
@@ -34,6 +35,28 @@ LATEST_FILE = "latest"
 
 def checkpoint_root(exp_dir: str, name: str) -> str:
     return os.path.join(exp_dir, name, "checkpoints")
+
+
+def _start_writer_queue_shielded() -> None:
+    """Start megatron's checkpoint-writer results queue: forked, shielded from preemption signals.
+
+    megatron 0.16 keeps the writer's results in a multiprocessing Manager queue that it starts
+    with the *spawn* context at the first save. Two costs of that here, both measured:
+    (1) Under SLURM a preemption signal reaches every process of the step, and that Manager died
+    of a SIGUSR1 that arrived during a save: the save on preemption failed with EOFError (two
+    SLURM nodes). See ``preemption.signals_blocked_for_children``. (2) The spawned Manager is a
+    bare interpreter that imports torch when it unpickles the first write result: 3.3 of the
+    3.7 s of a tiny model's first save (cProfile, one process). A *forked* Manager has torch
+    already; megatron itself forks its writer workers in the same save.
+    """
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", True) is not None:
+        return  # already started (or a megatron without this lazily started queue)
+    with signals_blocked_for_children():
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
 def _step_dir(root: str, step: int) -> str:
@@ -96,6 +119,7 @@ def save_training_checkpoint(root: str, step: int, training, trainer_state: dict
         os.makedirs(tmp)
     _barrier()
     fmt = optimizer_state.current_format(training, optimizer_format)
+    _start_writer_queue_shielded()
     with cpu_mode.cuda_to_cpu():
         dist_checkpointing.save(_sharded_state_dict(training, is_loading=False, fmt=fmt), tmp)
     if _rank0():
@@ -208,5 +232,7 @@ def load_training_checkpoint(path: str, training, params_dtype: str = "fp32",
                 training, structure, state["optimizer"], model_sd, int(saved["adam_step"]))
         training.optimizer.load_state_dict(state["optimizer"])
         optimizer_state.unshare_adam_step_counters(training.optimizer)
+        if saved["adam_step"] is not None:
+            optimizer_state.restore_adam_step(training.optimizer, int(saved["adam_step"]))
     training.scheduler.load_state_dict(trainer_state.pop("scheduler"))
     return trainer_state

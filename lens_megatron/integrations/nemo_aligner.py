@@ -160,9 +160,10 @@ class _NemoTokenizerView:
 
 
 class LensAlignerActor:
-    """``AlignableGenerativeInterface`` (duck-typed) over a ``LensActor``, a rollout engine and a
-    tokenizer. Every rank of the job calls every method, as in NeMo-Aligner; batches are this
-    data-parallel rank's share, results are replicated (metrics on all ranks, plain floats)."""
+    """``AlignableGenerativeInterface`` (registered as one when NeMo-Aligner is installed) over a
+    ``LensActor``, a rollout engine and a tokenizer. Every rank of the job calls every method, as
+    in NeMo-Aligner; batches are this data-parallel rank's share, results are replicated (metrics
+    on all ranks, plain floats)."""
 
     def __init__(self, actor: LensActor, engine, tokenizer, cfg=None) -> None:
         self.actor, self.engine, self.cfg = actor, engine, cfg or actor.cfg
@@ -271,17 +272,18 @@ class LensAlignerActor:
         sampling distribution at ``rollout.temperature``, like the sampler's."""
         return self._logprobs(response_tokens, reference=False)
 
-    def get_init_policy_logprobs(self, response_tokens):
+    def get_init_policy_logprobs(self, rollout_batches):
         """Initial-policy ``logprobs [B, S-1]``. NeMo-Aligner's trainers call this only when
         ``initial_policy_kl_penalty > 0``; our actor keeps the frozen initial policy only when
-        ``loss.kl_coef > 0`` and otherwise raises. Takes ``response_tokens`` (what the actors
-        take) or a list of rollout dicts (the interface's ``rollout_batches``: one tensor each)."""
+        ``loss.kl_coef > 0`` and otherwise raises. Takes ``response_tokens`` (what NeMo-Aligner's
+        REINFORCE trainer passes, positionally) or a list of rollout dicts (what the interface's
+        parameter name, ``rollout_batches``, says: one tensor each)."""
         if self.actor.reference_chunks is None:
             raise RuntimeError("no initial-policy model: loss.kl_coef is 0 (NeMo-Aligner: "
                                "initial_policy_kl_penalty 0), so there is no KL term to feed")
-        if isinstance(response_tokens, (list, tuple)):
-            return [self._logprobs(b["response_tokens"], reference=True) for b in response_tokens]
-        return self._logprobs(response_tokens, reference=True)
+        if isinstance(rollout_batches, (list, tuple)):
+            return [self._logprobs(b["response_tokens"], reference=True) for b in rollout_batches]
+        return self._logprobs(rollout_batches, reference=True)
 
     def _logprobs(self, response_tokens: torch.Tensor, reference: bool) -> torch.Tensor:
         width = response_tokens.shape[1]
@@ -411,3 +413,18 @@ class LensAlignerActor:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
         return box[0]
+
+
+def _register_with_nemo_aligner() -> None:
+    """With NeMo-Aligner installed (``nemo-aligner==0.7.0`` imports with Jinja2 and jsonlines
+    only), register the adapter as a virtual subclass of its ``AlignableGenerativeInterface``,
+    so ``isinstance`` checks in NeMo-Aligner code hold. Without it there is nothing to register
+    with; tests/test_nemo_aligner.py checks the signatures against the real wheel."""
+    try:
+        from nemo_aligner.models.alignable_interface import AlignableGenerativeInterface
+    except ImportError:
+        return
+    AlignableGenerativeInterface.register(LensAlignerActor)
+
+
+_register_with_nemo_aligner()

@@ -15,6 +15,12 @@ signal to the running step, waits for it — the trainer saves a checkpoint and 
 ``SLURM_RESTART_COUNT`` incremented, log appended) resumes from ``checkpoints/latest`` because
 ``exp_manager.resume=auto``. SIGTERM (``scancel``, scheduler preemption, time limit) is forwarded
 too, but never requeues by itself: a cancelled job stays cancelled.
+
+Failure: when a task is killed (the step exits > 128) or a rank lost contact with a peer
+(``PEER_LOST_EXIT_CODE``: a process or node of the job died; the trainer's message names the
+node, srun's names the task), the script requeues the job so that it resumes from its last
+checkpoint — at most ``--failure-requeues`` times per job (counted in a file beside the log).
+Any other non-zero exit (a bug, a configuration error) fails the job and is not retried.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..parallel.env import PEER_LOST_EXIT_CODE
 from ..preemption import PREEMPTED_EXIT_CODE, parse_signal
 
 DEFAULT_ENTRYPOINT = '"$PYTHON" -m lens_megatron.cli train'
@@ -65,6 +72,7 @@ class SlurmOptions:
     signal_seconds: int = 120
     requeue: bool = True
     step_wait: int = 300  # srun --wait: seconds the other tasks get after the first one exits
+    failure_requeues: int = 2  # requeues after a lost task/peer, per job (0: never)
     setup: list[str] = field(default_factory=list)  # shell lines before the step
     sbatch_args: list[str] = field(default_factory=list)  # extra "#SBATCH" options
 
@@ -82,8 +90,8 @@ class SlurmOptions:
         if sig.name in ("SIGTERM", "SIGKILL", "SIGSTOP"):
             raise LaunchError(f"--signal {sig.name}: use a signal SLURM does not send on its own "
                               "when cancelling (USR1 or USR2); SIGTERM means cancel, not requeue")
-        if self.signal_seconds < 0 or self.step_wait < 0:
-            raise LaunchError("--signal-seconds and --step-wait must be >= 0")
+        if self.signal_seconds < 0 or self.step_wait < 0 or self.failure_requeues < 0:
+            raise LaunchError("--signal-seconds, --step-wait and --failure-requeues must be >= 0")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise LaunchError("--cpus-per-task must be >= 1")
         if self.cpu and self.gpus_per_node:
@@ -189,8 +197,10 @@ _SIGNAL_FLOW = r"""
 # --- preemption: forward the signal to the step, wait for it to save, then requeue ----------
 STEP_PID=""
 REQUEUE_ASKED=""
+SIGNALLED=""
 on_signal() {  # $1 = USR1 | TERM | ...
     echo "[lens-launch] batch shell got SIG$1 at $(date -Is); forwarding to the training step"
+    SIGNALLED=1
     if [ "$1" = "$REQUEUE_SIGNAL" ] && [ "$REQUEUE" = 1 ]; then REQUEUE_ASKED=1; fi
     if [ -n "$STEP_PID" ]; then kill -s "$1" "$STEP_PID" 2>/dev/null || true; fi
 }
@@ -208,6 +218,24 @@ wait_step() {  # wait for the step even when trapped signals interrupt `wait`; s
         STEP_RC=$status
         return
     done
+}
+
+requeue_after_failure() {  # a task was killed or lost a peer: resume from the last checkpoint
+    local failures
+    failures=$(cat "$FAILURES_FILE" 2>/dev/null | wc -l)
+    if [ "$failures" -ge "$FAILURE_REQUEUES" ]; then
+        echo "[lens-launch] training step failed with code $STEP_RC; not requeueing: $failures" \
+             "failure requeue(s) of this job already (--failure-requeues $FAILURE_REQUEUES," \
+             "counted in $FAILURES_FILE)" >&2
+        return
+    fi
+    echo "$(date -Is) restart ${SLURM_RESTART_COUNT:-0} step exit $STEP_RC" >> "$FAILURES_FILE"
+    echo "[lens-launch] training step failed with code $STEP_RC: a task was killed or lost" \
+         "contact with a peer (the srun and lens-train lines above name the node); requeueing" \
+         "job $SLURM_JOB_ID to resume from its last checkpoint (failure requeue" \
+         "$((failures + 1)) of $FAILURE_REQUEUES)" >&2
+    scontrol requeue "$SLURM_JOB_ID" && exit "$STEP_RC"
+    echo "[lens-launch] scontrol requeue failed; resubmit this script to resume" >&2
 }
 """
 
@@ -227,6 +255,9 @@ if [ -n "$REQUEUE_ASKED" ]; then
     echo "[lens-launch] requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "[lens-launch] scontrol requeue failed; resubmit this script to resume" >&2
+fi
+if [ -z "$SIGNALLED" ] && { [ "$STEP_RC" -eq "$PEER_LOST_EXIT_CODE" ] || [ "$STEP_RC" -gt 128 ]; }; then
+    requeue_after_failure
 fi
 exit "$STEP_RC"
 """
@@ -263,6 +294,9 @@ def render_sbatch(cfg, config_path: os.PathLike, overrides: Sequence[str],
              "set -uo pipefail", "",
              f"PYTHON={_q(python)}",
              f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}  # lens_megatron.preemption",
+             f"PEER_LOST_EXIT_CODE={PEER_LOST_EXIT_CODE}  # lens_megatron.parallel.env",
+             f"FAILURE_REQUEUES={opts.failure_requeues}",
+             f'FAILURES_FILE={_q(log_dir)}/"slurm-$SLURM_JOB_ID.failures"',
              f"REQUEUE={int(opts.requeue)}",
              f"REQUEUE_SIGNAL={parse_signal(opts.signal).name[3:]}",
              f"LAUNCHER={opts.launcher}",

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ..parallel.env import PEER_LOST_EXIT_CODE
+from .nodes import check_nodes_available
 from .sbatch import DEFAULT_ENTRYPOINT, LaunchError, SlurmOptions, submit, write_sbatch
 
 
@@ -75,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not requeue after a preemption signal")
     g.add_argument("--step-wait", type=int, default=300,
                    help="srun --wait: seconds other tasks get once the first task exits")
+    g = p.add_argument_group("failures")
+    g.add_argument("--failure-requeues", type=int, default=2,
+                   help="requeue the job at most this often after a task was killed or a rank "
+                   "lost a peer (exit > 128 or %d); 0: never" % PEER_LOST_EXIT_CODE)
+    g.add_argument("--no-node-check", dest="node_check", action="store_false",
+                   help="with --submit: do not refuse a job the partition has too few usable "
+                   "(not down/drained) nodes for")
     return p
 
 
@@ -106,6 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(path.read_text())
     if args.submit:
         try:
+            if args.node_check:
+                check_nodes_available(cfg.trainer.num_nodes, opts.partition)
             job_id = submit(path)
         except LaunchError as exc:
             parser.exit(1, f"lens-launch: error: {exc}\n")

@@ -14,6 +14,11 @@ from typing import Mapping, Optional
 
 DEFAULT_MASTER_PORT = 29500
 
+#: Exit status of a rank that lost contact with a peer mid-run (a process of the job died or its
+#: node went down; ``lens_megatron.parallel.initialize.describe_peer_failure``). The generated
+#: SLURM batch script requeues the job on it, so the run resumes from its last checkpoint.
+PEER_LOST_EXIT_CODE = 76
+
 
 @dataclass(frozen=True)
 class DistEnv:

@@ -1,17 +1,21 @@
 """Process groups: torch.distributed (NCCL on GPU, gloo on CPU) and Megatron's
-tensor/pipeline/data-parallel groups."""
+tensor/pipeline/data-parallel groups; which host every rank runs on, so that a lost peer is
+reported by node name (:func:`describe_peer_failure`)."""
 from __future__ import annotations
 
 import datetime
 import logging
 import os
-from typing import Optional
+import re
+import socket
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from . import cpu_mode
-from .env import DistEnv, detect_dist_env
+from .env import PEER_LOST_EXIT_CODE, DistEnv, detect_dist_env
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +49,88 @@ def init_process_group(backend: str = "auto", timeout_minutes: int = 30,
         world_size=env.world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
-    logger.info("process group up: rank %d/%d via %s (%s)", env.rank, env.world_size,
-                env.launcher, backend)
+    record_rank_hosts()
+    logger.info("process group up: rank %d/%d on %s via %s (%s), rendezvous %s:%d",
+                env.rank, env.world_size, socket.gethostname(), env.launcher, backend,
+                env.master_addr, env.master_port)
     return env
+
+
+# -- where every rank runs, and what to say when one of them is lost ----------------------------
+@dataclass(frozen=True)
+class RankHost:
+    rank: int
+    host: str
+    addresses: tuple[str, ...]  # this host's IPv4 addresses (what peers see in socket errors)
+
+
+_rank_hosts: list[RankHost] = []
+
+
+def _ipv4_addresses() -> tuple[str, ...]:
+    import psutil
+
+    return tuple(a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family == socket.AF_INET)
+
+
+def record_rank_hosts() -> list[RankHost]:
+    """Gather every rank's host name and addresses (one ``all_gather_object`` at start-up)."""
+    mine = RankHost(dist.get_rank(), socket.gethostname(), _ipv4_addresses())
+    table: list = [None] * dist.get_world_size()
+    dist.all_gather_object(table, mine)
+    _rank_hosts[:] = table
+    return list(_rank_hosts)
+
+
+# A communication failure: gloo's transport errors name the peer as "[address]:port".
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")
+_COMM_FAILURE = re.compile(r"gloo/transport|Connection (?:reset|closed) by peer|Broken pipe|"
+                           r"ProcessGroupNCCL|NCCL (?:error|communicator)", re.IGNORECASE)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _who(address: str) -> str:
+    """``node2 (10.199.0.12, rank 1)`` for a peer address, from the table gathered at start."""
+    me = dist.get_rank() if dist.is_initialized() else -1
+    owners = [r for r in _rank_hosts if address in r.addresses and r.rank != me]
+    if not owners:
+        return address
+    hosts = sorted({r.host for r in owners})
+    ranks = ", ".join(str(r.rank) for r in owners)
+    return f"{' or '.join(hosts)} ({address}, rank{'s' if len(owners) > 1 else ''} {ranks})"
+
+
+def describe_peer_failure(exc: BaseException, timeout_minutes: Optional[int] = None,
+                          ) -> Optional[str]:
+    """A one-paragraph report when ``exc`` (or its cause) is a lost connection to another rank
+    or a collective/rendezvous timeout; None for any other error (which should propagate)."""
+    for error in _chain(exc):
+        text = str(error)
+        if not (isinstance(error, dist.DistError) or
+                (isinstance(error, RuntimeError) and _COMM_FAILURE.search(text))):
+            continue
+        me = f"rank {dist.get_rank()}" if dist.is_initialized() else "this process"
+        found = _PEER_ADDRESS.search(text)
+        if found:
+            who = _who(found.group(1))
+        elif "timed out" in text.lower() and timeout_minutes is not None:
+            who = f"a peer that did not answer within trainer.timeout_minutes={timeout_minutes}"
+        else:
+            who = "a peer"
+        detail = " ".join(text.split()).split(" This is typically caused")[0][:400]
+        return (f"{me} on {socket.gethostname()} lost contact with {who}: "
+                f"{type(error).__name__}: {detail} -- a process of this job died or its node "
+                f"went down; exiting with code {PEER_LOST_EXIT_CODE} (the SLURM batch script "
+                "requeues the job, which resumes from its last checkpoint)")
+    return None
 
 
 def initialize_model_parallel(

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Self
 
+from lens_megatron.preemption import signals_blocked_for_children
 from lens_megatron.rewards.judge import (
     DEFAULT_JUDGE,
     AnswerParseError,
@@ -160,7 +161,11 @@ class VerifierPool:
             name="lens-verifier",
             daemon=True,
         )
-        process.start()
+        # SLURM relays a preemption signal to every process of the step; a worker must not die
+        # of it mid-sample (an ERROR verdict) or at start-up. It still ends by message, orphan
+        # check or kill().
+        with signals_blocked_for_children():
+            process.start()
         child_end.close()
         return _Worker(process, parent_end, started_at=time.monotonic())
 
