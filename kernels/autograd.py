@@ -5,6 +5,12 @@ optionally entropies) ``[B*S]`` fp32. Forward: backend row statistics → one al
 the packed stats (:mod:`lens_kernels.tp`) → local merge. It saves the logits *reference*
 (no copy), the targets and three ``[N]`` fp32 vectors (lse, μ, active); backward
 recomputes the softmax from them. No collective is needed in backward.
+
+With ``spec.store_exp`` (fp32 logits on the torch backend, ``inplace_backward=True``, a
+gradient wanted) the forward instead leaves ``exp(x − m)`` in the logits buffer
+(:mod:`lens_kernels.torch_stored`) and saves the per-row ``m`` and ``c = exp(m − lse)``;
+backward is then one pass without an exponential. The Triton path always recomputes: on a
+GPU the exponential is free and the extra forward write would cost a fourth pass over HBM.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import torch_logprob
+from . import torch_logprob, torch_stored
 from .cpu_memory import empty_like_hugepages
 from .tp import gather_row_stats, merge_row_stats
 
@@ -32,6 +38,7 @@ class KernelSpec:
     with_entropy: bool
     inplace_backward: bool
     backend: str            # resolved: "triton" or "torch"
+    store_exp: bool = False  # forward leaves exp(x − m) in the (fp32) logits buffer
 
 
 def _triton_module():
@@ -115,16 +122,35 @@ class TokenLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, active, spec: KernelSpec):
-        stats = backend_row_stats(logits, targets, active, spec)
+        if spec.store_exp:
+            stats = torch_stored.row_stats_store_torch(
+                logits, targets, active, spec.vocab_start, spec.n_valid, spec.inv_temperature,
+                spec.with_entropy)
+        else:
+            stats = backend_row_stats(logits, targets, active, spec)
         token, entropy, lse, mean, act = finish_forward(ctx, stats, active, spec)
-        ctx.save_for_backward(logits, targets, lse, mean, act)
+        if spec.store_exp:
+            shift = stats[:, 0]
+            scale = torch_stored.stored_scale(shift, lse)
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+            ctx.save_for_backward(logits, targets, scale, shift, mean, act)
+        else:
+            ctx.save_for_backward(logits, targets, lse, mean, act)
         ctx.spec = spec
         return token, entropy
 
     @staticmethod
     def backward(ctx, grad_token, grad_entropy):
-        logits, targets, lse, mean, act = ctx.saved_tensors
         spec: KernelSpec = ctx.spec
+        if spec.store_exp:
+            stored, targets, scale, shift, mean, act = ctx.saved_tensors
+            coef, ent_coef = backward_coefficients(grad_token, grad_entropy, act, spec)
+            grad = torch_stored.row_grad_stored_torch(
+                stored, targets, scale, shift, coef, ent_coef,
+                mean if ent_coef is not None else None, spec.vocab_start, spec.n_valid,
+                spec.inv_temperature)
+            return grad, None, None, None
+        logits, targets, lse, mean, act = ctx.saved_tensors
         coef, ent_coef = backward_coefficients(grad_token, grad_entropy, act, spec)
         grad = logits if spec.inplace_backward else empty_like_hugepages(logits)
         backend_row_grad(logits, grad, targets, lse, coef, ent_coef,

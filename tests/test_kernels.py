@@ -91,12 +91,13 @@ def check_against_reference(gen, logits, targets, mask, atol, grad_atol, **opts)
                                                   (torch.bfloat16, 2e-5, 8e-3),
                                                   (torch.float16, 2e-5, 1e-3)])
 @pytest.mark.parametrize("entropy", [False, True])
-def test_matches_float64_reference(gen, dtype, atol, grad_atol, entropy):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_matches_float64_reference(gen, dtype, atol, grad_atol, entropy, inplace):
     # vocab 2500 is not a multiple of any block; columns ≥ 2437 are padding; wide enough
     # for the torch path's cheap shift (> 2 * SHIFT_SAMPLE columns)
     logits, targets, mask = make_inputs(gen, 4, 9, 2500, dtype, valid_vocab=2437)
     check_against_reference(gen, logits, targets, mask, atol, grad_atol, valid_vocab=2437,
-                            return_entropy=entropy)
+                            return_entropy=entropy, inplace_backward=inplace)
 
 
 @pytest.mark.parametrize("temperature", [0.6, 1.7])
@@ -106,8 +107,8 @@ def test_temperature(gen, temperature):
                             return_entropy=True)
 
 
-@pytest.mark.parametrize("shift_sample", [8, 4096])   # cheap shift + fallback / exact max
-def test_extreme_logits_and_neginf_column(gen, shift_sample, monkeypatch):
+@pytest.mark.parametrize("shift_sample,inplace", [(8, False), (4096, False), (8, True)])
+def test_extreme_logits_and_neginf_column(gen, shift_sample, inplace, monkeypatch):
     monkeypatch.setattr(torch_logprob, "SHIFT_SAMPLE", shift_sample)
     logits, targets, mask = make_inputs(gen, 3, 8, 500, scale=1.0)
     big = torch.rand(logits.shape, generator=gen) < 0.05
@@ -118,7 +119,7 @@ def test_extreme_logits_and_neginf_column(gen, shift_sample, monkeypatch):
     targets[targets == 17] = 18
     # fp32 spacing at 1e4 is 2^-10 ≈ 1e-3: that bounds the error of x − lse and of p
     out, grad = check_against_reference(gen, logits, targets, mask, 4e-3, 1e-3,
-                                        return_entropy=True)
+                                        return_entropy=True, inplace_backward=inplace)
     assert torch.isfinite(out.token_logprobs).all() and torch.isfinite(out.entropy).all()
     assert (grad[..., 17] == 0).all()
 
@@ -147,7 +148,58 @@ def test_inplace_backward_equals_out_of_place(gen, dtype):
         grads.append(leaf.grad)
         if inplace:                                    # the gradient really went into x's buffer
             assert torch.equal(x.detach(), leaf.grad)
-    assert torch.equal(grads[0], grads[1])
+    if dtype == torch.bfloat16 or INTERPRETED:         # the same recompute kernel both ways
+        assert torch.equal(grads[0], grads[1])
+    else:                                              # fp32 CPU: the stored-exp path (exp2)
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the stored-exp path is the torch backend's")
+@pytest.mark.parametrize("entropy_grad", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_stored_exp_path_matches_float64_reference(gen, entropy_grad, temperature, monkeypatch):
+    """fp32 + inplace_backward: forward leaves exp(x − max) in the buffer, backward one pass."""
+    monkeypatch.setattr(torch_logprob, "CHUNK_BYTES", 3 * 4 * 2437)   # 3-row chunks, ragged tail
+    logits, targets, mask = make_inputs(gen, 4, 9, 2500, valid_vocab=2437)
+    logits[2, 3, 7] = float("-inf")
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1
+    out = logprobs_and_confidence(x, targets, mask, inplace_backward=True, valid_vocab=2437,
+                                  return_entropy=True, temperature=temperature)
+    # the buffer now holds exp(x/T − max) on valid columns of every chunk with an active row
+    rows = mask.reshape(-1)
+    scaled = logits.reshape(-1, 2500)[rows, :2437].double() / temperature
+    want = torch.exp(scaled - scaled.amax(1, keepdim=True))
+    torch.testing.assert_close(x.detach().reshape(-1, 2500)[rows, :2437].double(), want,
+                               atol=1e-6, rtol=1e-5)
+    ref_in = logits.double().requires_grad_(True)
+    ref = reference_logprobs(ref_in, targets, mask, temperature, 2437)
+    torch.testing.assert_close(out.token_logprobs.double(), ref.token_logprobs, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), ref.entropy, atol=2e-5, rtol=1e-5)
+    weights = loss_weights(gen, 4, 9, ref.confidence)
+    if not entropy_grad:
+        weights[3] = None                              # entropy as a detached metric (the actor)
+    for o, leaf_in in ((out, leaf), (ref, ref_in)):
+        loss = weighted_loss(o, weights, False)
+        if entropy_grad:
+            loss = loss + (o.entropy * weights[3]).sum()
+        loss.backward()
+    scale = ref_in.grad.abs().max().clamp(min=1.0)
+    torch.testing.assert_close(leaf.grad.double(), ref_in.grad, atol=1e-5 * scale, rtol=0)
+    assert (leaf.grad[..., 2437:] == 0).all() and (leaf.grad[~mask] == 0).all()
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the stored-exp path is the torch backend's")
+def test_stored_exp_path_only_when_a_gradient_is_wanted(gen):
+    """Under no_grad (the actor's old-log-prob pass) the logits are read, never overwritten."""
+    logits, targets, mask = make_inputs(gen, 2, 4, 300)
+    x = logits.clone().requires_grad_(True)
+    with torch.no_grad():
+        logprobs_and_confidence(x, targets, mask, inplace_backward=True, return_entropy=True)
+    assert torch.equal(x.detach(), logits)
+    plain = logits.clone()
+    logprobs_and_confidence(plain, targets, mask, inplace_backward=True)   # no requires_grad
+    assert torch.equal(plain, logits)
 
 
 def test_empty_sequences_and_fully_masked_rows(gen):
