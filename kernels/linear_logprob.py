@@ -36,9 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import torch_stored
 from .autograd import (KernelSpec, backend_row_grad, backend_row_stats, backward_coefficients,
-                       finish_forward)
+                       finish_forward, stored_row_grad, stored_row_stats, stored_saved)
 from .logprob import (LogprobOutput, as_batched, build_spec, check_inputs, flat_rows,
                       package_output)
 
@@ -82,7 +81,7 @@ def _forward_chunks(hidden, weight, targets, active, spec: KernelSpec, plan: Lin
     rows_all = active.nonzero().squeeze(1)
     stats = torch.tensor([float("-inf"), 0.0, 0.0, 0.0], device=hidden.device).repeat(
         hidden.shape[0], 1)
-    store = spec.backend == "torch" and hidden.dtype == torch.float32
+    store = spec.backend in ("cpu", "torch") and hidden.dtype == torch.float32
     kept, kept_bytes, buf = [], 0, None
     for c0 in range(0, rows_all.numel(), plan.chunk):
         rows = rows_all[c0:c0 + plan.chunk]
@@ -96,11 +95,7 @@ def _forward_chunks(hidden, weight, targets, active, spec: KernelSpec, plan: Lin
             logits, _ = _logits(hidden, weight, rows, buf)
         ones = torch.ones(rows.numel(), dtype=torch.int8, device=hidden.device)
         args = (logits.unsqueeze(0), targets[rows], ones)
-        if keep and store:
-            stats[rows] = torch_stored.row_stats_store_torch(
-                *args, spec.vocab_start, spec.n_valid, spec.inv_temperature, spec.with_entropy)
-        else:
-            stats[rows] = backend_row_stats(*args, spec)
+        stats[rows] = (stored_row_stats if keep and store else backend_row_stats)(*args, spec)
         if keep:
             kept.append(KeptChunk(rows, logits, store))
             kept_bytes += chunk_bytes
@@ -124,9 +119,8 @@ def _chunk_grad(logits, rows, saved, coef, ent_coef, spec: KernelSpec, stored: b
     ent = None if ent_coef is None else ent_coef[rows]
     mu = None if ent_coef is None else mean[rows]
     if stored:
-        return torch_stored.row_grad_stored_torch(
-            logits.unsqueeze(0), targets[rows], scale[rows], shift[rows], coef[rows], ent, mu,
-            spec.vocab_start, spec.n_valid, spec.inv_temperature)[0]
+        return stored_row_grad(logits.unsqueeze(0), targets[rows], scale[rows], shift[rows],
+                               coef[rows], ent, mu, spec)[0]
     view = logits.unsqueeze(0)
     backend_row_grad(view, view, targets[rows], lse[rows], coef[rows], ent, mu, spec)
     return logits
@@ -139,10 +133,7 @@ class LinearTokenLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, active, spec: KernelSpec, plan: LinearPlan):
         stats, kept = _forward_chunks(hidden, weight, targets, active, spec, plan)
         token, entropy, lse, mean, act = finish_forward(ctx, stats, active, spec)
-        shift = stats[:, 0]
-        scale = torch_stored.stored_scale(shift, lse)
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        ctx.save_for_backward(hidden, weight, targets, lse, mean, act, scale, shift)
+        ctx.save_for_backward(hidden, weight, targets, lse, mean, act, *stored_saved(stats, lse))
         ctx.spec, ctx.plan, ctx.kept = spec, plan, kept
         return token, entropy
 

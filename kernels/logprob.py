@@ -167,7 +167,8 @@ def logprobs_and_confidence(
                       return_entropy=return_entropy, valid_vocab=valid_vocab,
                       vocab_start_index=vocab_start_index, inplace_backward=inplace_backward,
                       backend=backend)
-    store = (spec.inplace_backward and spec.backend == "torch" and logits.dtype == torch.float32
+    store = (spec.inplace_backward and spec.backend in ("cpu", "torch")
+             and logits.dtype == torch.float32
              and torch.is_grad_enabled() and logits.requires_grad)
     spec = dataclasses.replace(spec, store_exp=store)
     flat_targets, active = flat_rows(targets_b, mask_b)

@@ -26,16 +26,12 @@ largest where ``e`` is smallest. The float64 reference is :mod:`lens_kernels.ref
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .cpu_parallel import run_chunks
-from .torch_logprob import (_ChunkBuffers, _chunk_tasks, _row_views, _target_logits,
+from .torch_logprob import (LOG2E, _ChunkBuffers, _chunk_tasks, _row_views, _target_logits,
                             _view_offsets)
 
-LOG2E = 1.0 / math.log(2.0)
-_UNDERFLOW2 = 300.0                      # 2^(−300) == 0 in fp32: keeps (−inf)·0 out of Σ e·d
 _FP32_LOWEST = torch.finfo(torch.float32).min
 _TINY = torch.finfo(torch.float32).tiny  # ln of a zero e is clamped here (its p·(…) is 0)
 
@@ -51,14 +47,11 @@ def _store_chunk(x, inv_temperature, buf, outs) -> None:
         torch.sub(x, shift, out=buf)
     else:
         torch.add(-shift, x, alpha=inv_temperature, out=buf)
-    buf.mul_(LOG2E)                               # d·log₂e ≤ 0
-    if w_out is not None:
-        buf.clamp_(min=-_UNDERFLOW2)
+    buf.mul_(LOG2E)                               # d·log₂e ≤ 0 (−inf on −inf logits)
     torch.exp2(buf, out=x)                        # e, into the logits buffer
     torch.sum(x, 1, out=s_out)
-    if w_out is not None:
-        torch.sum(buf.mul_(x), 1, out=w_out)      # Σ e·d·log₂e
-        w_out.mul_(1.0 / LOG2E)
+    if w_out is not None:                         # Σ e·d·log₂e; nansum drops the (−inf)·0 terms
+        torch.nansum(buf.mul_(x), 1, out=w_out)
 
 
 def row_stats_store_torch(logits, targets, active, vocab_start, n_valid, inv_temperature,
@@ -90,7 +83,7 @@ def row_stats_store_torch(logits, targets, active, vocab_start, n_valid, inv_tem
 
         tasks = [task for task in _chunk_tasks(views, n_valid, is_active.tolist()) if task[3]]
         run_chunks(tasks, work, dev)
-    stats = torch.stack([m, s, t, w], dim=1)
+    stats = torch.stack([m, s, t, w * (1.0 / LOG2E)], dim=1)
     neutral = torch.tensor([float("-inf"), 0.0, 0.0, 0.0], device=dev)
     return torch.where(is_active.unsqueeze(1), stats, neutral)
 
@@ -102,13 +95,10 @@ def stored_scale(shift: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(lse))
 
 
-def _grad_stored_chunk(e, rs, coefs, buf, inv_temperature) -> None:
+def _entropy_grad_chunk(e, rs, coefs, buf, inv_temperature) -> None:
     """In place on one chunk ``e [c, n_valid]``: e → (−a·p + b·p·(μ − x))/T (no one-hot yet)."""
     scale, coef, ent_coef, mean, shift = coefs
     k = (scale[rs] * inv_temperature).unsqueeze(1)
-    if ent_coef is None:
-        e.mul_(-coef[rs].unsqueeze(1) * k)
-        return
     b = ent_coef[rs].unsqueeze(1)
     # μ − x = (μ − m) − ln e;  g/p = b·(μ − m) − a − b·ln2·log₂ e
     torch.log2(torch.clamp(e, min=_TINY), out=buf)
@@ -116,39 +106,62 @@ def _grad_stored_chunk(e, rs, coefs, buf, inv_temperature) -> None:
     e.mul_(buf.mul_(k))
 
 
+def _entropy_grad(views, offsets, n_valid, coefs, flags, inv_temperature) -> None:
+    """The entropy-gradient case, chunk by chunk (it needs ``ln e``, one ``log2`` per element)."""
+    def work(tasks):
+        buffers = _ChunkBuffers(views[0], n_valid, 1)
+        for vi, r0, r1, any_needed in tasks:
+            if any_needed:
+                _entropy_grad_chunk(views[vi][r0:r1, :n_valid], slice(offsets[vi] + r0, offsets[vi] + r1),
+                                    coefs, buffers.get(r1 - r0)[0], inv_temperature)
+
+    run_chunks(_chunk_tasks(views, n_valid, flags), work, views[0].device)
+
+
 def row_grad_stored_torch(stored, targets, scale, shift, coef, ent_coef, mean, vocab_start,
                           n_valid, inv_temperature):
     """Turn ``stored`` (the buffer :func:`row_stats_store_torch` filled) into the logits
     gradient in place and return it. ``scale = c`` and ``shift = m`` are per row;
-    ``coef``/``ent_coef`` are the upstream grads, 0 on masked rows (their rows become 0)."""
+    ``coef``/``ent_coef`` are the upstream grads, 0 on masked rows (their rows become 0).
+
+    Without an entropy gradient this is Megatron-like whole-buffer work, a few large ops per
+    run of rows with a gradient (one per sequence in the usual prompt | response | padding
+    layout): a multiply by the per-row ``−a·c/T`` (one read + write), the one-hot scatter;
+    runs without a gradient and padded columns are zero-filled (written, never read).
+    """
     local_target = targets - vocab_start
     in_shard = (local_target >= 0) & (local_target < n_valid)
     needed = coef != 0
     if ent_coef is not None:
         needed = needed | (ent_coef != 0)
-    onehot_idx = local_target.clamp(0, max(n_valid - 1, 0)).unsqueeze(1)
-    onehot_val = torch.where(in_shard, coef * inv_temperature, torch.zeros_like(coef))
-    flags = needed.tolist() if n_valid else [False] * targets.numel()
-    coefs = (scale, coef, ent_coef, mean, shift)
     (views,) = _row_views(stored)
     offsets = _view_offsets(views)
-
-    def work(tasks):
-        buffers = _ChunkBuffers(stored, n_valid, int(ent_coef is not None))
-        for vi, r0, r1, any_needed in tasks:
-            chunk = views[vi][r0:r1]
-            if not any_needed:
-                chunk.zero_()
+    if ent_coef is not None and n_valid:
+        _entropy_grad(views, offsets, n_valid, (scale, coef, ent_coef, mean, shift),
+                      needed.tolist(), inv_temperature)
+    onehot_idx = local_target.clamp(0, max(n_valid - 1, 0)).unsqueeze(1)
+    onehot_val = torch.where(in_shard, coef * inv_temperature, torch.zeros_like(coef)).unsqueeze(1)
+    k = (-coef * scale * inv_temperature).unsqueeze(1)
+    for view, off in zip(views, offsets):
+        for r0, r1, any_needed in _runs(needed[off:off + view.shape[0]]):
+            rows, rs = view[r0:r1], slice(off + r0, off + r1)
+            if not (any_needed and n_valid):
+                rows.zero_()                     # no gradient: whatever the buffer held
                 continue
-            rs = slice(offsets[vi] + r0, offsets[vi] + r1)
-            e = chunk[:, :n_valid]
-            bufs = buffers.get(r1 - r0)
-            _grad_stored_chunk(e, rs, coefs, bufs[0] if bufs else None, inv_temperature)
-            e.scatter_add_(1, onehot_idx[rs], onehot_val[rs].unsqueeze(1))
-            if not all(flags[rs]):
-                e.masked_fill_(~needed[rs].unsqueeze(1), 0.0)
-            if n_valid < chunk.shape[1]:
-                chunk[:, n_valid:].zero_()
-
-    run_chunks(_chunk_tasks(views, n_valid, flags), work, stored.device)
+            if ent_coef is None:
+                rows[:, :n_valid].mul_(k[rs])
+            rows[:, :n_valid].scatter_add_(1, onehot_idx[rs], onehot_val[rs])
+            if n_valid < view.shape[1]:
+                rows[:, n_valid:].zero_()
     return stored
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Maximal runs ``(start, end, value)`` of equal values in a 1-D bool tensor."""
+    if flags.numel() == 0:
+        return []
+    f = flags.to(torch.int8)
+    cuts = ((f[1:] != f[:-1]).nonzero().squeeze(1) + 1).tolist()
+    bounds = [0, *cuts, f.numel()]
+    values = f[bounds[:-1]].tolist()
+    return [(a, b, bool(v)) for a, b, v in zip(bounds[:-1], bounds[1:], values)]
