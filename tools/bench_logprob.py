@@ -21,7 +21,9 @@ w.r.t. the logits, forward + ``torch.autograd.grad``):
 w.r.t. both): ``linear_logits`` — ``hidden @ weight.T`` then ``ours_inplace``; ``linear_fused``
 — ``lens_kernels.linear_logprobs_and_confidence`` (never the full logits).
 
-Timing: CPU ``time.perf_counter``, GPU CUDA events; each call gets a fresh copy of the logits
+Timing: CPU ``time.perf_counter`` (wall) and ``time.process_time`` (CPU seconds of all the
+process's threads — on an oversubscribed machine the wall time mostly measures the share of
+the cores a process was given), GPU CUDA events; each call gets a fresh copy of the logits
 made outside the timed region. Reported: the median over all calls of all processes, and the
 median of the per-round ratios baseline/variant (rounds pair neighbouring processes).
 Peak extra memory (CPU, first call of each process): ``VmHWM`` (reset by writing ``5`` to
@@ -200,7 +202,8 @@ def _memory_call(name, base, t, m, device) -> dict:
     return {"extra_bytes": extra, "grad_bytes": owned, "method": method}
 
 
-def _timed(name, base, t, m, device, need_grad) -> float:
+def _timed(name, base, t, m, device, need_grad) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of one call; CPU: all threads, user + system."""
     inputs = _fresh(base)
     _sync(device)
     if device == "cuda":
@@ -209,12 +212,12 @@ def _timed(name, base, t, m, device, need_grad) -> float:
         out = _call(name, inputs, t, m, need_grad)
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
+        return start.elapsed_time(end), float("nan")
+    t0, c0 = time.perf_counter(), time.process_time()
     out = _call(name, inputs, t, m, need_grad)
-    elapsed = (time.perf_counter() - t0) * 1e3
+    wall, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
     del out                  # freeing a returned gradient buffer is not part of the call
-    return elapsed
+    return wall, cpu
 
 
 def run_single(args) -> dict:
@@ -230,10 +233,11 @@ def run_single(args) -> dict:
     result["memory"] = _memory_call(args.variant, base, t, m, device)
     for _ in range(max(0, args.warmup - 1)):
         _timed(args.variant, base, t, m, device, True)
-    result["fwd_bwd_ms"] = [_timed(args.variant, base, t, m, device, True)
-                            for _ in range(args.repeats)]
+    calls = [_timed(args.variant, base, t, m, device, True) for _ in range(args.repeats)]
+    result["fwd_bwd_ms"] = [w for w, _ in calls]
+    result["fwd_bwd_cpu_ms"] = [c for _, c in calls]
     if not args.hidden:
-        result["fwd_ms"] = [_timed(args.variant, base, t, m, device, False)
+        result["fwd_ms"] = [_timed(args.variant, base, t, m, device, False)[0]
                             for _ in range(args.repeats)]
     result["loadavg_after"] = os.getloadavg()
     result["logits_bytes"] = n * v * DTYPES[args.dtype].itemsize
@@ -271,7 +275,9 @@ def run_interleaved(names, dtype, args) -> dict:
     for name in names:
         runs = [r[name] for r in rounds]
         fb = [x for r in runs for x in r["fwd_bwd_ms"]]
+        cpu = [x for r in runs for x in r["fwd_bwd_cpu_ms"]]
         entry = {"fwd_bwd_ms": statistics.median(fb), "fwd_bwd_samples_ms": [round(x, 1) for x in fb],
+                 "fwd_bwd_cpu_ms": statistics.median(cpu),
                  "per_round_medians_ms": [round(statistics.median(r["fwd_bwd_ms"]), 1) for r in runs],
                  "peak_extra_x_logits": max(r["memory"]["extra_bytes"] for r in runs)
                  / runs[0]["logits_bytes"],
@@ -283,6 +289,9 @@ def run_interleaved(names, dtype, args) -> dict:
                   for r in rounds]
         entry[f"speedup_vs_{base}"] = statistics.median(ratios)
         entry[f"speedup_vs_{base}_per_round"] = [round(x, 3) for x in ratios]
+        entry[f"cpu_ratio_vs_{base}"] = statistics.median(
+            [statistics.median(r[base]["fwd_bwd_cpu_ms"]) / statistics.median(r[name]["fwd_bwd_cpu_ms"])
+             for r in rounds])
         summary[name] = entry
     return {"dtype": dtype, "baseline": base, "variants": summary}
 
@@ -294,12 +303,13 @@ def _fmt(x, spec=".1f"):
 def print_table(res: dict) -> None:
     base = res["baseline"]
     print(f"\n{res['dtype']}   speedup = median over rounds of ({base} / variant)")
-    print(f"{'variant':14} {'fwd+bwd ms':>11} {'fwd ms':>8} {'speedup':>8} {'per round':>22} "
-          f"{'peak extra':>11} {'(grads)':>8}")
+    print(f"{'variant':14} {'fwd+bwd ms':>11} {'cpu ms':>8} {'fwd ms':>8} {'speedup':>8} "
+          f"{'cpu ratio':>9} {'per round':>30} {'peak extra':>11} {'(grads)':>8}")
     for name, e in res["variants"].items():
         rounds = " ".join(f"{x:.2f}" for x in e[f"speedup_vs_{base}_per_round"])
-        print(f"{name:14} {_fmt(e['fwd_bwd_ms']):>11} {_fmt(e.get('fwd_ms')):>8} "
-              f"{e[f'speedup_vs_{base}']:7.2f}x {rounds:>22} {e['peak_extra_x_logits']:10.2f}x "
+        print(f"{name:14} {_fmt(e['fwd_bwd_ms']):>11} {_fmt(e['fwd_bwd_cpu_ms']):>8} "
+              f"{_fmt(e.get('fwd_ms')):>8} {e[f'speedup_vs_{base}']:7.2f}x "
+              f"{e[f'cpu_ratio_vs_{base}']:8.2f}x {rounds:>30} {e['peak_extra_x_logits']:10.2f}x "
               f"{e['grad_bytes_x_logits']:7.2f}x")
 
 
