@@ -1,30 +1,31 @@
-"""The LENS actor: a megatron-core GPTModel (any TP/PP/VPP/DP layout) with its optimizer,
+"""The LENS actor: a megatron-core GPTModel (any TP/PP/VPP/DP/CP layout) with its optimizer,
 computing sequence log-probs through the fused ``lens_kernels`` kernel and training with the
 clipped policy loss.
 
-Batch layout: sequences are *padded*, not packed, with as little padding as that allows. The
-rows of a call are ordered by the columns they need (through their last response token;
-causal attention means later positions cannot change earlier ones) so that short rows share
-micro-batches, and each micro-batch is cut to its longest row, rounded up to a multiple of TP
-under sequence parallelism. With pipeline parallelism the micro-batches of one call share the
-widest cut, since stages exchange fixed-shape activations (megatron 0.16 ties variable p2p
-shapes to MoE). Per-token results go back to the original row order and the batch width, with
-zeros where positions are masked (what the kernel gives there anyway). The gradient does not
-depend on the grouping: every micro-batch's loss is divided by the global normalizer. Packing
-(THD attention) would remove the remaining padding; our SDPA/local layer spec has no packed
-attention, and it is not implemented.
+Every rank holds the whole batch (``TokenBatch``, on the host). Which rows each data-parallel
+rank runs, and in which micro-batches, is planned on the host (``batching/``): padded
+micro-batches of ``model.micro_batch_size`` rows cut to the columns they need, or — with
+``model.sequence_packing`` — packed ``[1, T]`` rows of whole sequences within
+``model.max_tokens_per_microbatch`` tokens (per-document causal attention and RoPE positions),
+balanced over the DP ranks by tokens, with the same number of micro-batches on every rank.
+Each micro-batch is moved to the model's device once; per-token results go back to the
+original rows and the batch width (zeros where masked) and are summed over the DP ranks, so
+every rank gets the whole batch's results. The gradient does not depend on the plan: every
+micro-batch's loss is divided by the global normalizer.
 
 Token coordinates: position t of ``token_logprobs [N, S]`` is the log-prob of
 ``input_ids[:, t + 1]`` predicted at t, and ``target_mask[:, t] = response_mask[:, t + 1]``.
 
-Every rank of the job holds the whole rollout batch; each data-parallel rank computes and
-trains on its slice, and the per-token results are all-gathered back (they are small next
-to the logits), so the LENS stage sees every group on every rank.
+Context parallelism (padded micro-batches): each micro-batch's ``[b, W]`` tensors are split
+into megatron's load-balanced chunks for this CP rank (``parallel/context.py``); per-token
+results are gathered back over CP; each sequence's mean in the loss divides by its whole
+token count.
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -32,10 +33,14 @@ import torch
 import torch.distributed as dist
 
 from .algorithms.loss import ClippedPolicyLoss
+from .batching import PackedMicroBatch, build_micro_batches, needed_lengths, plan_batches
 from .config import LensTrainConfig
+from .metric_reduction import reduce_metrics
 from .models.builder import build_model_chunks
+from .models.fused_head import hidden_states_out
 from .optimizer import TrainingModel, optimizer_step, setup_training, zero_grads
 from .parallel import cpu_mode
+from .parallel.device import module_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,9 +94,12 @@ class LensActor:
 
             load_model_checkpoint(chunks, m.load)
         self.training: TrainingModel = setup_training(chunks, m, cfg.optim, total_optimizer_steps)
+        # The model's device: every micro-batch, buffer and collective of the actor lives here
+        # (parallel/device.py); row planning stays on the host.
+        self.device = module_device(chunks)
         self.loss_fn = ClippedPolicyLoss(cfg.loss.loss_config())
         self.temperature = cfg.rollout.temperature
-        self.pad_multiple = m.tensor_model_parallel_size if m.sequence_parallel else 1
+        self.pad_multiple = m.sequence_multiple()
         self.reference_chunks = None
         if cfg.loss.kl_coef > 0:  # a frozen copy of the initial policy, only when needed
             self.reference_chunks = build_model_chunks(
@@ -114,114 +122,117 @@ class LensActor:
     def dp_size(self) -> int:
         return _ps().get_data_parallel_world_size()
 
-    def _kernel(self, logits, targets, mask, entropy: bool):
-        from lens_kernels import logprobs_and_confidence
+    @property
+    def cp_size(self) -> int:
+        return _ps().get_context_parallel_world_size()
+
+    def _kernel(self, output, mb, model, entropy: bool):
+        """Token log-probs (and entropy) of a micro-batch from the model's output: logits, or
+        with ``model.fused_linear_logprobs`` the hidden states times the LM head, a few token
+        chunks at a time (``models/fused_head.py``)."""
+        from lens_kernels import linear_logprobs_and_confidence, logprobs_and_confidence
 
         ps = _ps()
         group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-        return logprobs_and_confidence(
-            logits, targets, mask, tp_group=group, temperature=self.temperature,
-            return_entropy=entropy, valid_vocab=self.arch.vocab_size,
-            inplace_backward=True,
-        )
+        options = dict(tp_group=group, temperature=self.temperature, return_entropy=entropy,
+                       valid_vocab=self.arch.vocab_size)
+        if self.cfg.model.fused_linear_logprobs:
+            from .models.fused_head import head_weight
 
-    def _run_schedule(self, chunks, batches: list[dict], loss_for_batch: Callable,
+            return linear_logprobs_and_confidence(output, head_weight(model), mb.targets, mb.mask,
+                                                  **options)
+        return logprobs_and_confidence(output, mb.targets, mb.mask, inplace_backward=True,
+                                       **options)
+
+    def _plan(self, tokens: TokenBatch):
+        """Which rows this call's micro-batches hold, on every DP rank (host, deterministic)."""
+        m = self.cfg.model
+        return plan_batches(
+            needed_lengths(tokens.target_mask), self.dp_size,
+            micro_batch_size=None if m.sequence_packing else m.micro_batch_size,
+            max_tokens=m.max_tokens_per_microbatch if m.sequence_packing else None,
+            pad_multiple=self.pad_multiple,
+            same_shape=_ps().get_pipeline_model_parallel_world_size() > 1,
+            full_width=None if m.sequence_packing else tokens.input_ids.shape[1],
+            context_parallel_hint=True)
+
+    def _micro_batches(self, tokens: TokenBatch, token_extras: dict, sequence_extras: dict):
+        """This rank's micro-batches on the model's device (the one host -> device move of
+        the actor's path), split for this CP rank under context parallelism."""
+        layouts = build_micro_batches(self._plan(tokens), self.dp_rank, tokens.input_ids,
+                                      tokens.targets, tokens.target_mask, token_extras,
+                                      sequence_extras, device=self.device)
+        if self.cp_size > 1:
+            from .parallel.context_batches import split_padded_for_cp
+
+            ps = _ps()
+            layouts = [split_padded_for_cp(mb, ps.get_context_parallel_rank(), self.cp_size)
+                       for mb in layouts]
+        return layouts
+
+    def _run_schedule(self, chunks, batches: list, loss_for_batch: Callable,
                       forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from .models.packed import packed_seq_params
+
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            ids = mb["input_ids"]
-            positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-            logits = model(ids, positions, None)
-            return logits, lambda out: loss_for_batch(out, mb)
+            extra = ({"packed_seq_params": packed_seq_params(mb)}
+                     if isinstance(mb, PackedMicroBatch) else {})
+            output = model(mb.input_ids, mb.position_ids, None, **extra)
+            return output, lambda out: loss_for_batch(out, mb, model)
 
         iterators = [iter(batches) for _ in chunks]
-        with cpu_mode.cuda_to_cpu():
+        first = batches[0]
+        fused = self.cfg.model.fused_linear_logprobs
+        with cpu_mode.cuda_to_cpu(), hidden_states_out(chunks) if fused else nullcontext():
             return get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=iterators if len(chunks) > 1 else iterators[0],
                 model=chunks if len(chunks) > 1 else chunks[0],
                 num_microbatches=len(batches),
-                seq_length=batches[0]["input_ids"].shape[1],
-                micro_batch_size=batches[0]["input_ids"].shape[0],
+                # the global width: megatron divides by CP (and by TP under SP) for p2p shapes
+                seq_length=getattr(first, "global_width", first.input_ids.shape[1]),
+                micro_batch_size=first.input_ids.shape[0],
                 forward_only=forward_only,
             )
 
     @staticmethod
-    def _needed_lengths(mask: torch.Tensor) -> torch.Tensor:
-        """Per row, the columns it needs: through its last target position (0 if none)."""
-        positions = torch.arange(1, mask.shape[1] + 1).expand_as(mask)
-        return torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(1)
-
-    def _micro_batches(self, tokens: TokenBatch,
-                       extra: dict[str, torch.Tensor]) -> tuple[list[dict], torch.Tensor]:
-        """Micro-batches of ``tokens`` (see module docstring): rows ordered by the columns they
-        need, so short rows share micro-batches, each micro-batch cut to its longest row
-        (rounded up to the sequence-parallel multiple). Per-token entries of ``extra``
-        (``[N, S]``) are cut alike, per-sequence ones kept. Returns the micro-batches and the
-        row order (``order[i]``: the original row of the i-th row fed to the model)."""
-        mbs = self.cfg.model.micro_batch_size
-        n, full = tokens.input_ids.shape
-        lengths = self._needed_lengths(tokens.target_mask)
-        order = torch.argsort(lengths, stable=True)
-        groups = [order[s:s + mbs] for s in range(0, n, mbs)]
-        widths = []
-        for rows in groups:
-            width = max(1, int(lengths[rows].max()))
-            widths.append(min(full, -(-width // self.pad_multiple) * self.pad_multiple))
-        if _ps().get_pipeline_model_parallel_world_size() > 1 and widths:
-            widths = [max(widths)] * len(widths)
-        out = []
-        for rows, width in zip(groups, widths):
-            mb = {"input_ids": tokens.input_ids[rows, :width],
-                  "targets": tokens.targets[rows, :width],
-                  "mask": tokens.target_mask[rows, :width]}
-            for key, value in extra.items():
-                picked = value[rows]
-                mb[key] = picked[:, :width] if picked.dim() >= 2 and picked.shape[1] == full else picked
-            out.append(mb)
-        return out, order
-
-    @staticmethod
-    def _to_width(values: torch.Tensor, width: int) -> torch.Tensor:
-        """Per-token results of a cut micro-batch, zero-padded back to the batch width."""
-        return torch.nn.functional.pad(values, (0, width - values.shape[1]))
-
-    def _dp_slice(self, n: int) -> tuple[int, int]:
-        per_rank = n // self.dp_size
-        return self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank
+    def _rows(mb, values: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's per-token values in per-sequence rows (the loss's layout)."""
+        return mb.rows_view(values) if isinstance(mb, PackedMicroBatch) else values
 
     # ------------------------------------------------------------------ log-probs
     @torch.no_grad()
     def compute_logprobs(self, tokens: TokenBatch, reference: bool = False,
                          entropy: bool = False) -> dict[str, torch.Tensor]:
         """Token log-probs ``[N, S]`` (and entropy) of the whole batch, on every rank."""
-        n = tokens.input_ids.shape[0]
-        start, end = self._dp_slice(n)
-        local = tokens.slice(start, end)
         chunks = self.reference_chunks if reference else self.chunks
 
-        width = local.input_ids.shape[1]
-
-        def collect(logits, mb):
-            out = self._kernel(logits, mb["targets"], mb["mask"], entropy)
-            kept = {"token_logprobs": self._to_width(out.token_logprobs.detach(), width)}
+        def collect(output, mb, model):
+            out = self._kernel(output, mb, model, entropy)
+            kept = out.token_logprobs.detach()
             if entropy:
-                kept["entropy"] = self._to_width(out.entropy.detach(), width)
-            return out.token_logprobs.sum() * 0.0, kept
+                kept = torch.stack([kept, out.entropy.detach()], dim=-1)
+            return out.token_logprobs.sum() * 0.0, {"values": kept}
 
-        batches, order = self._micro_batches(local, {})
+        batches = self._micro_batches(tokens, {}, {})
         results = self._run_schedule(chunks, batches, collect, True)
-        keys = ["token_logprobs"] + (["entropy"] if entropy else [])
-        shape = tuple(local.input_ids.shape)
-        merged = {}
-        for key in keys:
-            value = torch.zeros(shape)
-            if results:  # the last pipeline stage: rows back in their original order
-                value[order] = torch.cat([r[key] for r in results])
-            merged[key] = self._gather_over_dp(self._broadcast_from_last_stage(value))
-        return merged
+        n, width = tokens.input_ids.shape
+        shape = (n, width, 2) if entropy else (n, width)
+        merged = torch.zeros(shape, device=self.device)
+        if results:  # the last pipeline stage: this rank's rows back in place, others zero
+            for mb, result in zip(batches, results):
+                values = result["values"]
+                if self.cp_size > 1:
+                    values = mb.gather_cp(values, _ps().get_context_parallel_group())
+                mb.unpack_into(merged, values)
+        merged = self._sum_over_dp(self._broadcast_from_last_stage(merged))
+        out = {"token_logprobs": merged[..., 0] if entropy else merged}
+        if entropy:
+            out["entropy"] = merged[..., 1]
+        return out
 
     def _broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         ps = _ps()
@@ -232,12 +243,11 @@ class LensActor:
                        group=ps.get_pipeline_model_parallel_group())
         return tensor
 
-    def _gather_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.dp_size == 1:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.dp_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=_ps().get_data_parallel_group())
-        return torch.cat(parts)
+    def _sum_over_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Each DP rank holds its rows (zeros elsewhere): one all-reduce completes the batch."""
+        if self.dp_size > 1:
+            dist.all_reduce(tensor, group=_ps().get_data_parallel_group())
+        return tensor
 
     # ------------------------------------------------------------------ training
     def train_step(self, tokens: TokenBatch, old_logprobs: torch.Tensor,
@@ -250,80 +260,96 @@ class LensActor:
         token count of the whole update), so the gradient does not depend on how the
         sequences are split over micro-batches and data-parallel ranks.
         """
-        n = tokens.input_ids.shape[0]
-        start, end = self._dp_slice(n)
-        extra = {"old_logprobs": old_logprobs[start:end], "advantages": advantages[start:end]}
+        token_extras = {"old_logprobs": old_logprobs}
         if rollout_weights is not None:
-            extra["rollout_weights"] = rollout_weights[start:end]
+            token_extras["rollout_weights"] = rollout_weights
         if ref_logprobs is not None:
-            extra["ref_logprobs"] = ref_logprobs[start:end]
-        batches, _ = self._micro_batches(tokens.slice(start, end), extra)
+            token_extras["ref_logprobs"] = ref_logprobs
+        sequence_extras = {"advantages": advantages.to(self.device)}
+        batches = self._micro_batches(tokens, token_extras, sequence_extras)
 
-        def policy_loss(logits, mb):
-            out = self._kernel(logits, mb["targets"], mb["mask"], entropy=True)
+        def policy_loss(output, mb, model):
+            out = self._kernel(output, mb, model, entropy=True)
+            rows, extras = (lambda x: self._rows(mb, x)), mb.token_extras
             loss, metrics = self.loss_fn(
-                out.token_logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"],
-                global_normalizer, ref_logprobs=mb.get("ref_logprobs"),
-                rollout_weights=mb.get("rollout_weights"), entropy=out.entropy,
+                rows(out.token_logprobs), rows(extras["old_logprobs"]),
+                mb.sequence_extras["advantages"], rows(mb.mask), global_normalizer,
+                ref_logprobs=rows(extras["ref_logprobs"]) if "ref_logprobs" in extras else None,
+                rollout_weights=(rows(extras["rollout_weights"])
+                                 if "rollout_weights" in extras else None),
+                entropy=rows(out.entropy),
+                tokens_per_sequence=mb.sequence_extras.get("tokens_per_sequence"),
             )
             metrics = {k: v.detach().float() for k, v in metrics.items()}
             metrics["loss"] = loss.detach().float()
+            if "num_sequences" in mb.sequence_extras:  # CP: counted once, from the whole rows
+                metrics["num_sequences"] = mb.sequence_extras["num_sequences"].float()
             return loss, torch.zeros((), dtype=torch.int), metrics
 
         zero_grads(self.training)
         start = time.perf_counter()
         results = self._run_schedule(self.chunks, batches, policy_loss, forward_only=False)
-        metrics = self._reduce_metrics(results, len(batches))
+        metrics = self._reduce_metrics(results)
         metrics["time_fwd_bwd_s"] = time.perf_counter() - start
         if not math.isfinite(metrics["loss"]):
             zero_grads(self.training)
             raise NonFiniteLossError(
                 f"non-finite loss ({metrics['loss']}) — the log-probs or advantages contain "
-                "NaN/inf; the optimizer step was skipped and no weights changed")
+                "NaN/inf; this optimizer update was skipped and no weights changed")
         start = time.perf_counter()
-        ok, grad_norm, _ = optimizer_step(self.training)
+        metrics.update(self._apply_update())
         metrics["time_optimizer_s"] = time.perf_counter() - start
-        if not ok or not math.isfinite(grad_norm):
-            zero_grads(self.training)
-            raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}); step skipped")
-        metrics["grad_norm"] = grad_norm
-        metrics["lr"] = float(self.training.optimizer.param_groups[0]["lr"])
         return metrics
+
+    def _apply_update(self) -> dict[str, float]:
+        """The optimizer step after a finite loss. An fp16 loss-scale overflow is a normal
+        skipped update (counted, no weight changed); a non-finite gradient norm raises
+        :class:`NonFiniteLossError` — refused before any weight changed either way."""
+        outcome = optimizer_step(self.training)
+        if outcome.skipped == "nonfinite_grad":
+            zero_grads(self.training)
+            raise NonFiniteLossError(f"non-finite gradient norm ({outcome.grad_norm}); this "
+                                     "optimizer update was skipped and no weights changed")
+        out = {"overflow_skipped_updates": float(outcome.skipped == "overflow"),
+               "applied_updates": float(outcome.updated),
+               "lr": float(self.training.optimizer.param_groups[0]["lr"])}
+        if outcome.updated:
+            out["grad_norm"] = outcome.grad_norm
+        if self.precision.params == "fp16":
+            out["loss_scale"] = outcome.loss_scale
+        return out
 
     def sft_step(self, tokens: TokenBatch) -> dict[str, float]:
         """One supervised step: maximise the log-likelihood of the masked target tokens
         (normalised by their global count). Used for the demo's warm start."""
-        n = tokens.input_ids.shape[0]
-        start, end = self._dp_slice(n)
-        total_tokens = tokens.target_mask.sum().clamp(min=1)
-        batches, _ = self._micro_batches(tokens.slice(start, end), {})
+        total_tokens = tokens.target_mask.sum().clamp(min=1).to(self.device)
+        batches = self._micro_batches(tokens, {}, {})
 
-        def nll(logits, mb):
-            out = self._kernel(logits, mb["targets"], mb["mask"], entropy=False)
+        def nll(output, mb, model):
+            out = self._kernel(output, mb, model, entropy=False)
             loss = -out.token_logprobs.sum() / total_tokens
-            return loss, torch.zeros((), dtype=torch.int), {"loss": loss.detach().float()}
+            return loss, torch.zeros((), dtype=torch.int), {"loss": loss.detach().float(),
+                                                             "num_tokens": out.num_tokens.sum()}
 
         zero_grads(self.training)
         results = self._run_schedule(self.chunks, batches, nll, forward_only=False)
-        metrics = self._reduce_metrics(results, len(batches))
-        ok, grad_norm, _ = optimizer_step(self.training)
-        metrics["grad_norm"] = grad_norm
+        metrics = self._reduce_metrics(results)
+        metrics.update(self._apply_update())
         return metrics
 
-    def _reduce_metrics(self, results: list, num_micro_batches: int) -> dict[str, float]:
-        """Loss summed over micro-batches and DP ranks; other metrics averaged; all ranks."""
+    def _reduce_metrics(self, results: list) -> dict[str, float]:
+        """Micro-batch metrics reduced by their own rules (``metric_reduction``: counts and the
+        loss summed, maxima maxed, token means weighted) over micro-batches and the DP (×CP)
+        ranks, on the last pipeline stage, then shared with the other stages."""
         ps = _ps()
-        summed = None
-        if results:
-            summed = {k: float(sum(r[k].double() for r in results)) for k in results[0]}
+        reduced = None
+        if results:  # the last pipeline stage
+            spread = self.dp_size * self.cp_size > 1
+            group = ps.get_data_parallel_group(with_context_parallel=True) if spread else None
+            reduced = reduce_metrics(results, sorted(results[0]), self.device, group=group)
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            box = [summed]
+            box = [reduced]
             dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
                                        group=ps.get_pipeline_model_parallel_group())
-            summed = box[0]
-        keys = sorted(summed)
-        values = torch.tensor([summed[k] for k in keys], dtype=torch.float64)
-        if self.dp_size > 1:
-            dist.all_reduce(values, group=ps.get_data_parallel_group())
-        return {k: float(v) if k == "loss" else float(v) / (num_micro_batches * self.dp_size)
-                for k, v in zip(keys, values)}
+            reduced = box[0]
+        return reduced

@@ -54,25 +54,35 @@ def load_and_check(config: Optional[str], overrides: Sequence[str]):
     return cfg, env
 
 
-def run_training(cfg, stop_requested=None) -> bool:
-    """Initialise process groups, train, tear down. True when trainer.max_steps was reached."""
+def run_training(cfg, stop_requested=None) -> Optional[int]:
+    """Initialise process groups, train (or generate, on a separate rollout rank), tear down.
+
+    A trainer rank returns None when trainer.max_steps was reached, else the preemption exit
+    code; a rollout rank returns the exit code the trainer sent it."""
     from .parallel.initialize import destroy_parallel, initialize_from_config
+    from .preemption import PREEMPTED_EXIT_CODE
     from .trainer import LensTrainer
 
-    initialize_from_config(cfg)
-    trainer = LensTrainer(cfg)
+    groups = initialize_from_config(cfg)
     try:
-        trainer.run(stop_requested=stop_requested)
-        return trainer.finished
+        if groups is not None and groups.roles.role == "rollout":
+            from .rollout.rollout_rank import run_rollout_rank
+
+            return run_rollout_rank(cfg, groups)
+        trainer = LensTrainer(cfg, groups)
+        try:
+            trainer.run(stop_requested=stop_requested)
+            return None if trainer.finished else PREEMPTED_EXIT_CODE
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
         destroy_parallel()
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit codes: 0 done, 2 configuration error, PREEMPTED_EXIT_CODE (75) stopped by a
     preemption signal after saving a checkpoint (the SLURM script requeues on it)."""
-    from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
+    from .preemption import PreemptionHandler
 
     args = train_parser().parse_args(argv)
     # Installed first: a preemption signal during the (slow) imports below must not kill us.
@@ -91,11 +101,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(to_yaml(cfg))
             return 0
-        finished = run_training(cfg, stop_requested=handler.should_stop)
+        code = run_training(cfg, stop_requested=handler.should_stop)
     finally:
         handler.uninstall()
-    # A stop that arrived after the last step needs no requeue.
-    return PREEMPTED_EXIT_CODE if handler.requested and not finished else 0
+    # A stop that arrived after the last step needs no requeue; a rollout rank leaves with the
+    # trainer's code (it ignores signals itself: the trainer decides when to stop).
+    return 0 if code is None else code
 
 
 def demo_main(argv: Optional[Sequence[str]] = None) -> int:

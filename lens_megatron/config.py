@@ -25,6 +25,10 @@ from .algorithms.rollout_correction import RolloutCorrectionConfig
 from .models.arch import ModelArch, ParallelLayout, Precision, RopeScaling
 
 
+# Transformer Engine's FP8 GEMMs need every dimension a multiple of 16 (tokens included).
+FP8_TOKEN_MULTIPLE = 16
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and how to fix it."""
 
@@ -65,7 +69,13 @@ class ModelConfig:
     fp8: Optional[str] = None  # null | hybrid | e4m3 (needs Transformer Engine)
     fp8_recipe: str = "delayed"
     transformer_impl: str = "auto"  # auto | local | transformer_engine
-    micro_batch_size: int = 8  # sequences per micro-batch (training and log-prob passes)
+    micro_batch_size: int = 8  # sequences per micro-batch (padded path: training and log-probs)
+    # packed sequences: several whole sequences per [1, T] row, per-document causal attention,
+    # micro-batches formed by a token budget (prompt + response tokens) instead of a row count
+    sequence_packing: bool = False
+    max_tokens_per_microbatch: int = 8192
+    # log-probs from hidden states x LM head without materialising the logits (kernels/)
+    fused_linear_logprobs: bool = False
     load: Optional[str] = None  # Megatron distributed checkpoint to start from (lens-convert)
     init_seed: int = 1234  # layout-independent random init when `load` is null
 
@@ -81,6 +91,17 @@ class ModelConfig:
     def precision_config(self) -> Precision:
         return Precision(params=self.precision, fp8=self.fp8, fp8_recipe=self.fp8_recipe)
 
+    def sequence_multiple(self) -> int:
+        """Every micro-batch's sequence width (or packed length) is padded to a multiple of
+        this: 2·CP under context parallelism (megatron's two load-balanced chunks per rank),
+        times TP under sequence parallelism (each rank holds 1/TP of the sequence), times 16
+        with FP8 (Transformer Engine's FP8 GEMMs need token counts that are multiples of 16)."""
+        from .parallel.context import padding_multiple
+
+        return padding_multiple(self.context_parallel_size, self.tensor_model_parallel_size,
+                                self.sequence_parallel,
+                                FP8_TOKEN_MULTIPLE if self.fp8 is not None else 1)
+
 
 @dataclass
 class VLLMConfig:
@@ -92,8 +113,27 @@ class VLLMConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """DAPO dynamic sampling: drop groups without reward variance and refill the batch."""
+
+    enabled: bool = False
+    oversample: float = 2.0  # prompts drawn per missing group in refill rounds
+    max_rounds: int = 4  # generation rounds per step at most (the first included)
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "megatron"  # megatron (native sampler) | vllm
+    # colocated: every rank trains and generates | separate: the last `num_ranks` ranks of the
+    # job only generate (native sampler at `tensor_parallel_size`, or vLLM at vllm.*), the rest
+    # only train; weights travel over a process group (parallel/roles.py)
+    placement: str = "colocated"
+    num_ranks: int = 0
+    tensor_parallel_size: int = 1  # the native sampler's TP on separate rollout ranks
+    # a batch may be trained by weights at most this many optimizer versions newer than the
+    # weights that generated it; 0 = synchronous (the rollout of step s+1 waits for step s)
+    max_staleness: int = 0
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     prompts_per_step: int = 4
     group_size: int = 8  # G samples per prompt
     temperature: float = 1.0
@@ -120,6 +160,9 @@ class OptimConfig:
     lr_decay_style: str = "constant"  # constant | linear | cosine
     use_distributed_optimizer: bool = True
     updates_per_rollout: int = 1  # optimizer steps per rollout batch (paper: up to 4)
+    # fp16 only: the dynamic loss scaler's first scale (megatron's default 2^32; the first
+    # steps overflow by design and are skipped, counted in train/overflow_skipped_updates)
+    initial_loss_scale: float = 2.0**32
 
 
 @dataclass
@@ -163,6 +206,9 @@ class ExpManagerConfig:
 class LossSectionConfig(LossConfig):
     """The clipped-loss settings plus the rollout↔trainer mismatch correction."""
 
+    # pi_old: recompute (one forward pass over the rollout) | engine (the rollout engine's own
+    # sampling log-probs; only where it samples the trainer's distribution, see validate)
+    old_logprobs: str = "recompute"
     rollout_correction: str = "none"  # none | tis_token | tis_sequence | mis_token | mis_sequence
     rollout_correction_cap: float = 2.0
     mis_lower: float = 0.5
@@ -199,9 +245,15 @@ class LensTrainConfig:
         return self.trainer.num_nodes * self.trainer.devices
 
     @property
+    def training_world_size(self) -> int:
+        """Ranks that train: the whole job, or all but the rollout ranks (placement separate)."""
+        separate = self.rollout.placement == "separate"
+        return self.world_size - (self.rollout.num_ranks if separate else 0)
+
+    @property
     def data_parallel_size(self) -> int:
         m = self.model
-        return self.world_size // (
+        return self.training_world_size // (
             m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size
         )
 
@@ -261,7 +313,10 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
              environment: bool = True) -> None:
     """Cross-field checks. ``world_size`` defaults to trainer.num_nodes × trainer.devices."""
     _validate_trainer(cfg.trainer)
-    world = world_size if world_size is not None else cfg.world_size
+    job_world = world_size if world_size is not None else cfg.world_size
+    _validate_placement(cfg.rollout, job_world)
+    separate = cfg.rollout.placement == "separate"
+    world = job_world - (cfg.rollout.num_ranks if separate else 0)  # the ranks that train
     _validate_model(cfg.model, world, environment)
     _validate_rollout(cfg.rollout, environment)
     _validate_optim(cfg.optim)
@@ -271,11 +326,31 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
             ("dp_reshardable", "fully_reshardable"))
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 seconds")
     _check(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0 (0 = in-process)")
+    _validate_old_logprobs(cfg)
+    m = cfg.model
+    if m.context_parallel_size > 1 and cfg.rollout.engine == "megatron" and not separate:
+        _check(m.tensor_model_parallel_size == 1 and m.pipeline_model_parallel_size == 1
+               and cfg.rollout.kv_cache, "rollout.engine",
+               "the native sampler generates whole sequences on the actor's model; at "
+               "model.context_parallel_size > 1 it needs its lean KV-cache decoder "
+               "(tensor_model_parallel_size = pipeline_model_parallel_size = 1 and "
+               "rollout.kv_cache: true) — or use rollout.engine: vllm, or rollout.placement: "
+               "separate")
     if cfg.rollout.group_size == 1:
         raise ConfigError("rollout.group_size: LENS/GRPO need G >= 2 samples per prompt to "
                           "compare within a group; set rollout.group_size >= 2")
     dp = world // (cfg.model.tensor_model_parallel_size * cfg.model.pipeline_model_parallel_size
                    * cfg.model.context_parallel_size)
+    generating_ranks = cfg.rollout.num_ranks if separate else world
+    generators = (generating_ranks // (cfg.rollout.tensor_parallel_size if separate else 1)
+                  if cfg.rollout.engine == "megatron" and separate else
+                  dp if cfg.rollout.engine == "megatron" else
+                  generating_ranks // cfg.rollout.vllm.tensor_parallel_size)
+    _check(cfg.rollout.prompts_per_step >= generators, "rollout.prompts_per_step",
+           f"the prompts of a step are shared out over {generators} generating replicas (the "
+           "native sampler's data-parallel ranks, or vLLM's world / rollout.vllm.tensor_parallel_size"
+           f") in shares differing by at most one; {cfg.rollout.prompts_per_step} prompts would "
+           "leave a replica idle — use at least that many prompts per step")
     batch = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     per_update = batch // max(1, cfg.optim.updates_per_rollout)
     _check(batch % cfg.optim.updates_per_rollout == 0, "optim.updates_per_rollout",
@@ -297,7 +372,8 @@ def _validate_trainer(t: TrainerConfig) -> None:
 
 
 def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> None:
-    from .models.layer_spec import TE_INSTALL_HINT, transformer_engine_available
+    from .models.layer_spec import (TE_INSTALL_HINT, resolve_transformer_impl,
+                                    transformer_engine_available)
 
     a = m.arch
     tp, pp, cp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.context_parallel_size
@@ -344,20 +420,89 @@ def _validate_model(m: ModelConfig, world: int, environment: bool = True) -> Non
                "FP8 needs transformer_impl: transformer_engine (or auto)")
         _check(m.precision in ("bf16", "fp16"), "model.precision",
                "FP8 training keeps bf16/fp16 master weights; set model.precision: bf16")
+        _validate_fp8_shapes(m)
     if m.transformer_impl == "transformer_engine":
         _check(te, "model.transformer_impl", TE_INSTALL_HINT)
-    # The actor feeds every rank whole sequences; context parallelism would need them split
-    # over CP ranks (and the per-token results gathered back). Refuse rather than run wrong.
-    _check(cp == 1, "model.context_parallel_size",
-           "context parallelism is not implemented in the actor (sequences are not split over "
-           "CP ranks); set it to 1 and shard long sequences with tensor_model_parallel_size > 1 "
-           "and sequence_parallel: true, or lower model.micro_batch_size")
+    if cp > 1:
+        _check(not m.sequence_packing, "model.sequence_packing",
+               "packed sequences with model.context_parallel_size > 1 are not supported yet (the "
+               "per-rank THD split is built but not tested end to end); use padded micro-batches "
+               "(sequence_packing: false) with context parallelism")
+        _check(m.fp8 is None or resolve_transformer_impl(m.transformer_impl) != "local",
+               "model.fp8", "FP8 needs Transformer Engine; the local spec's context-parallel "
+               "attention runs in fp32/bf16/fp16")
     _check(not m.sequence_parallel or tp > 1, "model.sequence_parallel",
            "sequence parallelism needs tensor_model_parallel_size > 1")
     _check(m.micro_batch_size >= 1, "model.micro_batch_size", "must be >= 1")
+    multiple = m.sequence_multiple()
+    _check(not m.sequence_packing or (m.max_tokens_per_microbatch >= multiple
+                                      and m.max_tokens_per_microbatch % multiple == 0),
+           "model.max_tokens_per_microbatch",
+           f"must be a positive multiple of {multiple} (packed rows are padded to it: TP under "
+           "sequence parallelism, 16 with FP8)")
     if a.rope_scaling is not None:
         _check(a.rope_scaling.high_freq_factor > a.rope_scaling.low_freq_factor,
                "model.arch.rope_scaling", "high_freq_factor must exceed low_freq_factor")
+
+
+def _validate_old_logprobs(cfg: LensTrainConfig) -> None:
+    """``loss.old_logprobs: engine`` is pi_old only where the engine samples pi_old itself."""
+    _one_of(cfg.loss.old_logprobs, "loss.old_logprobs", ("recompute", "engine"))
+    if cfg.loss.old_logprobs != "engine":
+        return
+    r = cfg.rollout
+    why = ("loss.old_logprobs: engine uses the rollout engine's sampling log-probs as pi_old, "
+           "which is right only when the engine samples the trainer's own distribution: ")
+    _check(cfg.optim.updates_per_rollout == 1, "optim.updates_per_rollout",
+           why + "it is supported with one update per rollout, where the update's own ratio "
+           "statistics (train/approx_kl, train/ratio_*) measure the engine/trainer gap that the "
+           "recompute would; set optim.updates_per_rollout: 1 or loss.old_logprobs: recompute")
+    _check(r.top_k == -1 and r.top_p == 1.0, "rollout.top_k",
+           why + "top-k/top-p truncate the sampled distribution (rollout.top_k -1, rollout.top_p "
+           "1.0), or use loss.old_logprobs: recompute")
+    _check(r.max_staleness == 0, "rollout.max_staleness",
+           why + "a stale engine samples older weights; set max_staleness 0 or recompute")
+    _check(cfg.loss.rollout_correction == "none" and r.mismatch_mask_threshold is None,
+           "loss.rollout_correction",
+           why + "with pi_old = the engine's log-probs there is no engine/trainer gap left to "
+           "correct or mask (set rollout_correction none and mismatch_mask_threshold null)")
+
+
+def _validate_placement(r: RolloutConfig, job_world: int) -> None:
+    _one_of(r.placement, "rollout.placement", ("colocated", "separate"))
+    _check(r.max_staleness >= 0, "rollout.max_staleness", "must be >= 0 (0 = synchronous)")
+    d = r.dynamic_sampling
+    _check(d.oversample >= 1, "rollout.dynamic_sampling.oversample", "must be >= 1")
+    _check(d.max_rounds >= 1, "rollout.dynamic_sampling.max_rounds", "must be >= 1")
+    if r.placement == "colocated":
+        _check(r.num_ranks == 0, "rollout.num_ranks",
+               "only used with rollout.placement: separate (set it to 0, or choose separate)")
+        _check(r.max_staleness == 0, "rollout.max_staleness",
+               "overlapping rollouts with training needs ranks that only generate: set "
+               "rollout.placement: separate and rollout.num_ranks, or max_staleness: 0")
+        return
+    _check(1 <= r.num_ranks < job_world, "rollout.num_ranks",
+           f"placement separate needs 1 <= rollout.num_ranks < the job's {job_world} ranks "
+           "(trainer.num_nodes × trainer.devices), leaving at least one rank to train")
+    tp = r.vllm.tensor_parallel_size if r.engine == "vllm" else r.tensor_parallel_size
+    key = "rollout.vllm.tensor_parallel_size" if r.engine == "vllm" else "rollout.tensor_parallel_size"
+    _check(tp >= 1 and r.num_ranks % tp == 0, key,
+           f"must divide rollout.num_ranks ({r.num_ranks}): each replica spans {tp} rollout ranks")
+
+
+def _validate_fp8_shapes(m: ModelConfig) -> None:
+    """FP8 GEMMs (TE) need multiples of 16 in every dimension: the per-rank weight shapes are
+    checked here; token counts are padded to it by the actor (``sequence_multiple``)."""
+    a, tp, k = m.arch, m.tensor_model_parallel_size, FP8_TOKEN_MULTIPLE
+    shapes = {"model.arch.hidden_size": a.hidden_size,
+              "model.arch.ffn_hidden_size": a.ffn_hidden_size // tp,
+              "model.arch.num_attention_heads": a.num_attention_heads // tp * a.head_dim,
+              "model.arch.num_query_groups": a.num_query_groups // tp * a.head_dim}
+    for key, size in shapes.items():
+        _check(size % k == 0, key,
+               f"FP8 needs per-rank GEMM sizes that are multiples of {k}, but this gives {size} "
+               f"(at TP={tp}); choose a size (or TP) that makes it a multiple of {k}, or set "
+               "model.fp8: null")
 
 
 def _validate_rollout(r: RolloutConfig, environment: bool = True) -> None:
@@ -381,6 +526,8 @@ def _validate_optim(o: OptimConfig) -> None:
     _check(o.lr >= 0, "optim.lr", "must be >= 0")
     _check(o.updates_per_rollout >= 1, "optim.updates_per_rollout", "must be >= 1")
     _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    _check(o.initial_loss_scale >= 1, "optim.initial_loss_scale",
+           "must be >= 1 (fp16 dynamic loss scaling starts there and halves on overflow)")
     _one_of(o.lr_decay_style, "optim.lr_decay_style", ("constant", "linear", "cosine"))
 
 

@@ -128,7 +128,7 @@ def _start_history(path: str, start_step: int) -> Optional[str]:
     return aside
 
 
-_SUMMARY = ("reward/mean", "groups/negative_ratio", "loss", "time/step_s")
+_SUMMARY = ("reward/mean", "groups/negative_group_ratio", "train/loss", "time/step_s")
 
 
 _NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

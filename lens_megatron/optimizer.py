@@ -11,7 +11,9 @@ loss by the micro-batch count nor ``finalize_model_grads`` by a token count).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -93,6 +95,7 @@ def build_optimizer(ddp_chunks: list, model_cfg: ModelConfig, optim_cfg: OptimCo
         params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
                       "fp16": torch.float16}[precision],
         use_distributed_optimizer=distributed,
+        initial_loss_scale=optim_cfg.initial_loss_scale,
     )
     with cpu_mode.cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
@@ -136,13 +139,49 @@ def setup_training(chunks: list, model_cfg: ModelConfig, optim_cfg: OptimConfig,
     return TrainingModel(ddp_chunks, optimizer, scheduler, ddp_chunks[0].config, distributed)
 
 
-def optimizer_step(training: TrainingModel) -> tuple[bool, float, int]:
-    """One optimizer step after the schedule's backward; returns (ok, grad_norm, zeros)."""
-    with cpu_mode.cuda_to_cpu():
-        ok, grad_norm, num_zeros = training.optimizer.step()
-    if ok:
+@dataclass
+class StepOutcome:
+    """What one optimizer step did. ``updated`` False means no weight changed: ``skipped``
+    says why — ``"overflow"`` (fp16: the loss scaler found inf/NaN gradients and lowered its
+    scale, megatron's normal skipped step) or ``"nonfinite_grad"`` (the gradient norm was
+    NaN/inf: the update was refused before it could write NaN weights)."""
+
+    updated: bool
+    grad_norm: float
+    skipped: Optional[str] = None
+    loss_scale: float = 1.0
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_step(training: TrainingModel) -> StepOutcome:
+    """One optimizer step after the schedule's backward, megatron's ``step()`` split so that
+    a non-finite gradient norm is seen *before* any weight changes: unscale and check for
+    overflow (fp16), gradient norm over all parameters, clip, update; the LR schedule advances
+    only when the weights did. (Megatron's own ``step`` would clip by an infinite norm — every
+    gradient times 0, i.e. NaN for the infinite ones — and apply that in bf16/fp32.)"""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    optimizer = training.optimizer
+    with cpu_mode.cuda_to_cpu(), torch.no_grad():
+        scale = float(optimizer.get_loss_scale())
+        if optimizer.prepare_grads():
+            return StepOutcome(False, float("nan"), "overflow", scale)
+        grad_norm = float(optimizer.get_grad_norm())
+        if not math.isfinite(grad_norm):
+            return StepOutcome(False, grad_norm, "nonfinite_grad", scale)
+        for sub in _sub_optimizers(optimizer):  # each clips by its own config, as megatron's
+            params = sub.get_parameters()
+            if sub.config.clip_grad > 0 and params and not getattr(sub, "is_stub_optimizer", False):
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        updated = bool(optimizer.step_with_ready_grads())
+    if updated:
         training.scheduler.step(increment=1)
-    return bool(ok), float(grad_norm if grad_norm is not None else 0.0), num_zeros
+    return StepOutcome(updated, grad_norm, None if updated else "nonfinite_grad", scale)
 
 
 def zero_grads(training: TrainingModel) -> None:

@@ -31,6 +31,7 @@ def _ragged_batch():
 
 def width_worker(tmp_dir, cut):
     from lens_megatron.actor import LensActor
+    from lens_megatron.batching import plan_batches
     from lens_megatron.trainer import LensTrainer
 
     cfg = tiny_config(tmp_dir, "model.micro_batch_size=2", "rollout.prompts_per_step=2",
@@ -40,16 +41,18 @@ def width_worker(tmp_dir, cut):
     trainer = LensTrainer(cfg)
     actor = trainer.actor
     widths = []
-    if not cut:   # every row "needs" the full width: original order, nothing cut
-        actor._needed_lengths = lambda mask: torch.full((mask.shape[0],), mask.shape[1])
-    original = actor._micro_batches
+    original = actor._plan
 
-    def spy(tokens, extra):
-        batches, order = original(tokens, extra)
-        widths.extend(mb["input_ids"].shape[1] for mb in batches)
-        return batches, order
+    def plan(tokens):
+        if cut:
+            result = original(tokens)
+        else:  # every row "needs" the full width: nothing is cut
+            n, width = tokens.input_ids.shape
+            result = plan_batches([width] * n, 1, micro_batch_size=2, full_width=width)
+        widths.extend(mb.width for mb in result.micro_batches(0))
+        return result
 
-    actor._micro_batches = spy
+    actor._plan = plan
     tokens, _ = _ragged_batch()
     out = actor.compute_logprobs(tokens, entropy=True)
     old = out["token_logprobs"]

@@ -152,10 +152,126 @@ def test_length_preference_app_c_mixed_group_and_gamma_check():
         compute_advantages(*_inputs([1, 0], [0.9, 0.5], [1, 1]), 2, AdvantageConfig(length_preference_gamma=0.5))
 
 
+# ------------------------------------------------------------------ Sec. 5.1 floor multiplier, App. C rho = mu / pi
+
+
+def _zscore(x, eps=1e-6):
+    """Reference mixed-group normalization in plain Python float64: (x - mean)/(unbiased std + eps)."""
+    mean = sum(x) / len(x)
+    std = math.sqrt(sum((v - mean) ** 2 for v in x) / (len(x) - 1))
+    return [(v - mean) / (std + eps) for v in x]
+
+
+@pytest.mark.parametrize("m, r_tilde, D", [
+    # MIXED_FLOOR, p = [0.1, 0.8, 0.4, 0.2], D_imp = 0.4.
+    # m = 3: D = 3 * 0.8 = 2.4; q = 0.8/1.6, 0.4/2.0, 0.2/2.2 = 1/2, 1/5, 1/11; penalty q/4
+    (3.0, [1, -1 / 8, -1 / 20, -1 / 44], 2.4),
+    # m = 1.5: D = 1.2; q = 0.8/0.4, 0.4/0.8, 0.2/1.0 = 2, 1/2, 1/5 (m < 2: a penalty above 1/G)
+    (1.5, [1, -1 / 2, -1 / 8, -1 / 20], 1.2),
+])
+def test_d_floor_multiplier(m, r_tilde, D):
+    adv, diag = compute_advantages_with_diagnostics(*_inputs(*MIXED_FLOOR), 4, AdvantageConfig(d_floor_multiplier=m))
+    _close(diag.calibrated_reward.flatten(), r_tilde, atol=1e-12)
+    assert diag.difficulty_D.item() == pytest.approx(D)
+    _close(adv, _zscore(r_tilde))
+    # the default is the paper's 2 (MIXED_FLOOR_A is computed with D = 2 * 0.8)
+    _close(compute_advantages(*_inputs(*MIXED_FLOOR), 4, AdvantageConfig(d_floor_multiplier=2.0)), MIXED_FLOOR_A)
+    # D_imp beats a low floor: MIXED_DIMP has D_imp = 2 > 1.5 * 0.5
+    _, diag = compute_advantages_with_diagnostics(*_inputs(*MIXED_DIMP), 4, AdvantageConfig(d_floor_multiplier=1.5))
+    assert diag.difficulty_D.item() == pytest.approx(2.0) and diag.d_imp_won_fraction.item() == 1.0
+
+
+POLICY = AdvantageConfig(preference="policy")
+
+
+@pytest.mark.parametrize("r, r_tilde, D", [
+    # k = 1 of 4: D = 4, penalty 1/(D - 1) = 1/3 for every mistake
+    ([1, 0, 0, 0], [1, -1 / 3, -1 / 3, -1 / 3], 4.0),
+    # k = 3 of 4: D = 4/3, penalty 3 (no floor: App. C's weight exactly)
+    ([1, 1, 1, 0], [1, 1, 1, -3], 4 / 3),
+    # soft labels, k = 1.5 of 3: D = 2, penalty 1 -> r~ = [1, 0.5 - 0.5 * 1, 0 - 1]
+    ([1, 0.5, 0], [1, 0, -1], 2.0),
+])
+def test_policy_preference_uniform_weight(r, r_tilde, D):
+    g = len(r)
+    args = _inputs(r, [0.9, 0.3, 0.5, 0.1][:g], [3, 1, 4, 2][:g])  # confidences play no role
+    adv, diag = compute_advantages_with_diagnostics(*args, g, POLICY)
+    _close(diag.calibrated_reward.flatten(), r_tilde, atol=1e-12)
+    assert diag.difficulty_D.item() == pytest.approx(D)
+    _close(adv, _zscore(r_tilde))
+    # r~ is an increasing affine function of r within the group: the z-score is GRPO's
+    _close(adv, compute_advantages(*args, g, GRPO).tolist(), atol=1e-5)
+
+
+def test_policy_and_sampling_negative_and_positive_groups():
+    # No correct mass: D = G / 0 = inf, penalty 0 -> negative groups carry no signal; positive 0.
+    batch = _batch(NEGATIVE, POSITIVE)
+    s = batch[1]
+    for cfg, extra in ((POLICY, {}), (AdvantageConfig(preference="sampling"), {"sampling_logprob_sums": s - 1.0})):
+        adv, diag = compute_advantages_with_diagnostics(*batch, 4, cfg, **extra)
+        assert adv.tolist() == [0.0] * 8
+        assert math.isinf(diag.difficulty_D[0].item())
+        # positive group: policy D = G / k = 1; sampling w = e for all: D = max(1, 2 e)
+        assert diag.difficulty_D[1].item() == pytest.approx(1.0 if cfg is POLICY else 2.0 * math.e)
+        assert all(math.isfinite(v) for v in diag.as_dict().values())
+
+
+SAMPLING = AdvantageConfig(preference="sampling")
+
+
+@pytest.mark.parametrize("w, m, r_tilde, D, won", [
+    # r = [1, 0, 0, 0]: D_emp = G / k = 4. Penalty w / (D - w).
+    # w = [1, 1.5, 0.5, 1], floor 2 * 1.5 = 3 < 4: D = 4; 1.5/2.5, 0.5/3.5, 1/3
+    ([1, 1.5, 0.5, 1], 2.0, [1, -3 / 5, -1 / 7, -1 / 3], 4.0, True),
+    # w = [1, 3, 0.5, 1]: floor 2 * 3 = 6 > 4: D = 6; 3/3, 0.5/5.5, 1/5
+    ([1, 3, 0.5, 1], 2.0, [1, -1, -1 / 11, -1 / 5], 6.0, False),
+    # m = 3, w = [1, 1.5, 0.5, 1]: floor 4.5 > 4: D = 4.5; 1.5/3, 0.5/4, 1/3.5
+    ([1, 1.5, 0.5, 1], 3.0, [1, -1 / 2, -1 / 8, -2 / 7], 4.5, False),
+])
+def test_sampling_preference_importance_ratio(w, m, r_tilde, D, won):
+    r, s, n = _inputs([1, 0, 0, 0], [0.5, 0.4, 0.25, 0.3], [2, 3, 1, 5])
+    sampled = s - torch.log(torch.tensor(w, dtype=torch.float64))  # M = S - log w
+    cfg = AdvantageConfig(preference="sampling", d_floor_multiplier=m)
+    adv, diag = compute_advantages_with_diagnostics(r, s, n, 4, cfg, sampling_logprob_sums=sampled)
+    _close(diag.calibrated_reward.flatten(), r_tilde, atol=1e-12)
+    assert diag.difficulty_D.item() == pytest.approx(D)
+    assert diag.d_imp_won.tolist() == [won]
+    _close(adv, _zscore(r_tilde))
+    # the whole group's sums shifted by a constant (the same w) or scaled (huge S, M) changes nothing
+    shifted = compute_advantages(r, s - 1e4, n, 4, cfg, sampling_logprob_sums=sampled - 1e4)
+    _close(shifted, _zscore(r_tilde))
+
+
+def test_sampling_preference_extreme_ratios_and_errors():
+    # log w = +-800 (exp overflows / underflows float64): u = w / max w stays exact.
+    # r = [1, 0, 0]: w = [e^-800, e^800, 1] -> D = max(3, 2 e^800) -> penalty of the top mistake
+    # u / (d - u) = 1 / (2 - 1) = 1, the other ~0 -> r~ = [1, -1, 0]
+    r = torch.tensor([1.0, 0.0, 0.0])
+    s = torch.tensor([-900.0, -100.0, -5.0], dtype=torch.float64)
+    sampled = torch.tensor([-100.0, -900.0, -5.0], dtype=torch.float64)
+    adv, diag = compute_advantages_with_diagnostics(r, s, torch.tensor([9, 9, 9]), 3, SAMPLING,
+                                                    sampling_logprob_sums=sampled)
+    _close(diag.calibrated_reward.flatten(), [1, -1, 0], atol=1e-12)
+    _close(adv, _zscore([1, -1, 0]))
+    # S = -inf: pi_theta gives the response zero probability, w = 0, penalty 0
+    adv, diag = compute_advantages_with_diagnostics(
+        torch.tensor([1.0, 0.0]), torch.tensor([-1.0, -float("inf")]), torch.tensor([1, 1]), 2, SAMPLING,
+        sampling_logprob_sums=torch.tensor([-1.0, -2.0]))
+    _close(diag.calibrated_reward.flatten(), [1, 0], atol=0)
+    with pytest.raises(ValueError, match="needs sampling_logprob_sums"):
+        compute_advantages(*_inputs(*MIXED_FLOOR), 4, SAMPLING)
+    for bad in (-float("inf"), float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sampling_logprob_sums must be finite"):
+            compute_advantages(*_inputs(*MIXED_FLOOR), 4, SAMPLING,
+                               sampling_logprob_sums=torch.tensor([-1.0, -1.0, bad, -1.0]))
+    with pytest.raises(ValueError, match="sampling_logprob_sums has length 3"):
+        compute_advantages(*_inputs(*MIXED_FLOOR), 4, SAMPLING, sampling_logprob_sums=torch.zeros(3))
+
+
 def test_group_size_one_is_zero():
     r, s, n = _inputs([1, 0, 0.5, 0], [0.5, 0.5, 0.5, 1.0], [1, 2, 3, 0])
-    for cfg in (LENS, GRPO, AdvantageConfig(length_preference_gamma=2.0)):
-        assert compute_advantages(r, s, n, 1, cfg).tolist() == [0.0] * 4
+    for cfg in (LENS, GRPO, AdvantageConfig(length_preference_gamma=2.0), POLICY, SAMPLING):
+        assert compute_advantages(r, s, n, 1, cfg, sampling_logprob_sums=s - 1.0).tolist() == [0.0] * 4
 
 
 def test_zero_length_responses():
@@ -241,6 +357,17 @@ def test_input_errors_name_the_argument(args, match):
         ({"length_preference_gamma": -1.0}, "length_preference_gamma"),
         ({"estimator": "grpo", "length_preference_gamma": 1.0}, "length_preference_gamma"),
         ({"std_eps": 0.0}, "std_eps"),
+        ({"preference": "mu"}, "preference"),
+        ({"preference": "length"}, "preference"),
+        ({"preference": "policy", "length_preference_gamma": 1.0}, "length_preference_gamma"),
+        ({"estimator": "grpo", "preference": "policy"}, "preference"),
+        ({"d_floor_multiplier": 1.0}, "d_floor_multiplier"),
+        ({"d_floor_multiplier": 0.5}, "d_floor_multiplier"),
+        ({"d_floor_multiplier": float("inf")}, "d_floor_multiplier"),
+        ({"d_floor_multiplier": float("nan")}, "d_floor_multiplier"),
+        ({"preference": "policy", "d_floor_multiplier": 3.0}, "d_floor_multiplier"),
+        ({"length_preference_gamma": 1.0, "d_floor_multiplier": 3.0}, "d_floor_multiplier"),
+        ({"estimator": "grpo", "d_floor_multiplier": 3.0}, "d_floor_multiplier"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
@@ -248,12 +375,24 @@ def test_config_validation_names_the_field(kwargs, field):
         AdvantageConfig(**kwargs)
 
 
+def test_preference_defaults_to_the_gamma_switch():
+    assert AdvantageConfig().preference_function == "none"
+    assert AdvantageConfig(length_preference_gamma=1.5).preference_function == "length"
+    cfg = AdvantageConfig(preference="length", length_preference_gamma=1.5)
+    r, s, n = _inputs([0, 0], [0.5, 0.25], [2, 4])
+    assert compute_advantages(r, s, n, 2, cfg).tolist() == compute_advantages(
+        r, s, n, 2, AdvantageConfig(length_preference_gamma=1.5)).tolist()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     r, s, n = _batch(MIXED_DIMP, MIXED_FLOOR, NEGATIVE, POSITIVE)
-    for cfg in (LENS, GRPO, AdvantageConfig(length_preference_gamma=1.0)):
-        cpu = compute_advantages(r, s, n, 4, cfg)
-        cuda, diag = compute_advantages_with_diagnostics(r.cuda(), s.cuda(), n.cuda(), 4, cfg)
+    sampled = s - torch.linspace(-2.0, 2.0, s.numel(), dtype=torch.float64)
+    for cfg in (LENS, GRPO, AdvantageConfig(length_preference_gamma=1.0), AdvantageConfig(d_floor_multiplier=3.0),
+                POLICY, SAMPLING):
+        cpu = compute_advantages(r, s, n, 4, cfg, sampling_logprob_sums=sampled)
+        cuda, diag = compute_advantages_with_diagnostics(r.cuda(), s.cuda(), n.cuda(), 4, cfg,
+                                                         sampling_logprob_sums=sampled.cuda())
         assert cuda.device.type == "cuda"
         torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-6, rtol=1e-6)
         assert all(math.isfinite(v) for v in diag.as_dict().values())
@@ -382,14 +521,48 @@ def test_shifting_all_log_confidences_of_a_group_changes_nothing(batch, shift):
                                atol=2e-5, rtol=1e-5)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(batches(binary=False, wide=True), st.sampled_from(["all", "mixed", "negative"]),
-       st.sampled_from([None, 1.01]), st.sampled_from(["lens", "grpo"]))
-def test_never_nan_or_inf(batch, lens_groups, gamma, estimator):
+       st.sampled_from(["none", "length", "sampling", "policy"]), st.sampled_from([2.0, 1.001]),
+       st.sampled_from(["lens", "grpo"]), st.data())
+def test_never_nan_or_inf(batch, lens_groups, preference, m, estimator, data):
     r, s, n, g = batch
     if estimator == "grpo":
-        gamma = None
-    cfg = AdvantageConfig(estimator=estimator, lens_groups=lens_groups, length_preference_gamma=gamma)
-    adv, diag = compute_advantages_with_diagnostics(r, s, n, g, cfg)
+        preference, m = "none", 2.0
+    if preference in ("length", "policy"):
+        m = 2.0
+    gamma = 1.01 if preference == "length" else None
+    cfg = AdvantageConfig(estimator=estimator, lens_groups=lens_groups, preference=preference,
+                          length_preference_gamma=gamma, d_floor_multiplier=m)
+    sampled = torch.tensor(data.draw(st.lists(st.one_of(st.floats(-1e6, 0.0), st.sampled_from([0.0, -1e6])),
+                                              min_size=r.numel(), max_size=r.numel())), dtype=torch.float64)
+    adv, diag = compute_advantages_with_diagnostics(r, s, n, g, cfg, sampling_logprob_sums=sampled)
     assert torch.isfinite(adv).all()
     assert all(math.isfinite(v) for v in diag.as_dict().values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches(min_g=2))
+def test_uniform_weight_variants_reduce_to_grpo(batch):
+    """rho = pi_theta, and rho = mu at mu = pi_theta (w = 1), give a constant penalty per group."""
+    r, s, n, g = batch
+    grpo = compute_advantages(r, s, n, g, GRPO)
+    torch.testing.assert_close(compute_advantages(r, s, n, g, POLICY), grpo, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compute_advantages(r, s, n, g, SAMPLING, sampling_logprob_sums=s), grpo,
+                               atol=1e-5, rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches(min_g=2), st.data())
+def test_sampling_larger_ratio_mistakes_more_negative(batch, data):
+    r, s, n, g = batch  # S <= 0; the engine's sums M <= 0 too (a log-probability sum)
+    sampled = torch.tensor(data.draw(st.lists(st.floats(-60.0, 0.0), min_size=r.numel(), max_size=r.numel())),
+                           dtype=torch.float64)
+    adv = compute_advantages(r, s, n, g, SAMPLING, sampling_logprob_sums=sampled).view(-1, g)
+    lw = (s - sampled).view(-1, g)  # log w = log pi_theta - log mu
+    for grp in range(adv.shape[0]):
+        wrong = (r.view(-1, g)[grp] == 0).nonzero().flatten().tolist()
+        for i in wrong:
+            for j in wrong:
+                if lw[grp, i] > lw[grp, j] + 1e-9:
+                    assert adv[grp, i] <= adv[grp, j] + 1e-6

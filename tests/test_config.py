@@ -46,8 +46,18 @@ def test_yaml_file_and_overrides(tmp_path):
     (["model.micro_batch_size=3"], "model.micro_batch_size", "micro_batch_size (3)"),
     (["rollout.group_size=1"], "rollout.group_size", "G >= 2"),
     (["model.sequence_parallel=true"], "model.sequence_parallel", "tensor_model_parallel_size > 1"),
-    (["model.context_parallel_size=2", "trainer.devices=2"], "model.context_parallel_size",
-     "not implemented in the actor"),
+    (["model.context_parallel_size=2", "trainer.devices=2", "model.sequence_packing=true"],
+     "model.sequence_packing", "not supported yet"),
+    (["model.context_parallel_size=2", "trainer.devices=4", "model.tensor_model_parallel_size=2"],
+     "rollout.engine", "lean KV-cache decoder"),
+    (["model.context_parallel_size=2", "trainer.devices=3"], "trainer.devices", "TP×PP×CP"),
+    (["model.sequence_packing=true", "model.max_tokens_per_microbatch=33",
+      "model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "trainer.devices=2"],
+     "model.max_tokens_per_microbatch", "multiple of 2"),
+    (["rollout.placement=separate", "rollout.num_ranks=2", "trainer.devices=2"],
+     "rollout.num_ranks", "leaving at least one rank"),
+    (["rollout.max_staleness=1"], "rollout.max_staleness", "placement: separate"),
+    (["rollout.num_ranks=1"], "rollout.num_ranks", "only used with rollout.placement"),
     (["data.task=file"], "data.train_path", "required"),
     (["data.task=file", "data.train_path=/nonexistent.jsonl"], "data.train_path", "does not exist"),
 ])
@@ -96,7 +106,7 @@ def test_example_configs_are_valid(name):
     if name.startswith("qwen25_3b"):
         assert cfg.optim.lr == 1e-6 and cfg.model.arch.tie_word_embeddings
     if name != "tiny_cpu.yaml":
-        assert cfg.rollout.prompts_per_step * cfg.rollout.group_size == 512
+        assert cfg.rollout.prompts_per_step * cfg.rollout.group_size == 2048  # 4 updates × 512
         assert cfg.rollout.max_new_tokens == 4096 and cfg.optim.updates_per_rollout == 4
         assert cfg.lens.negative_group_weight == 0.25 and cfg.loss.kl_coef == 0.0
 
@@ -126,3 +136,28 @@ def test_readme_documents_every_config_key():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     missing = [k for k in _config_keys(LensTrainConfig) if f"`{k}`" not in readme]
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_fp8_shapes_and_token_multiple():
+    """FP8 (TE) needs multiples of 16: per-rank GEMM sizes are checked at config time, and the
+    actor pads every micro-batch's width to ``sequence_multiple`` (×TP under SP)."""
+    from lens_megatron.config import ConfigError, load_config
+
+    fp8 = ["model.fp8=hybrid", "model.precision=bf16", "model.transformer_impl=transformer_engine",
+           "model.arch.hidden_size=256", "model.arch.ffn_hidden_size=512",
+           "model.arch.num_attention_heads=4", "model.arch.num_query_groups=2",
+           "data.task=arithmetic"]
+    cfg = load_config(overrides=fp8, environment=False)
+    assert cfg.model.sequence_multiple() == 16
+    cfg = load_config(overrides=fp8 + ["model.tensor_model_parallel_size=2",
+                                       "model.sequence_parallel=true", "trainer.devices=2",
+                                       "model.micro_batch_size=4"], environment=False)
+    assert cfg.model.sequence_multiple() == 32
+    with pytest.raises(ConfigError, match=r"model\.arch\.ffn_hidden_size.*multiples of 16"):
+        load_config(overrides=fp8 + ["model.arch.ffn_hidden_size=520"], environment=False)
+    with pytest.raises(ConfigError, match=r"model\.arch\.hidden_size"):
+        load_config(overrides=fp8 + ["model.arch.hidden_size=264",
+                                     "model.arch.num_attention_heads=2",
+                                     "model.arch.num_query_groups=2"], environment=False)
+    plain = load_config(overrides=["data.task=arithmetic"], environment=False)
+    assert plain.model.sequence_multiple() == 1

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,8 +17,7 @@ from lens_megatron.data import (
     load_prompt_records,
 )
 from lens_megatron.eval import MATH500_PATH_ENV, load_math500
-
-MATH500 = "/work/shared/data/math500.jsonl"
+from shared_data import REPO_ROOT, require_shared_data
 
 
 def _write_jsonl(path, lines):
@@ -114,15 +114,34 @@ def test_json_array_file_and_max_records(tmp_path):
 
 
 def test_math500_loader(monkeypatch):
-    records = load_math500(MATH500)
+    math500 = require_shared_data("math500.jsonl")
+    records = load_math500(math500)
     assert len(records) == 500
     assert sum(r.level in (4, 5) for r in records) == 262
     assert all(r.metadata["subject"] and r.metadata["unique_id"] for r in records)
-    monkeypatch.setenv(MATH500_PATH_ENV, MATH500)
+    monkeypatch.setenv(MATH500_PATH_ENV, math500)
     assert load_math500()[0] == records[0]
     monkeypatch.delenv(MATH500_PATH_ENV)
     with pytest.raises(FileNotFoundError, match=MATH500_PATH_ENV):
         load_math500()
+
+
+def test_missing_shared_data_fails_naming_the_path():
+    with pytest.raises(pytest.fail.Exception, match="shared/data/absent.jsonl"):
+        require_shared_data("absent.jsonl")
+
+
+def test_no_test_hard_codes_the_shared_data_location():
+    """Tests find the data relative to the repository (``../shared/data``), never at an
+    absolute path of one machine."""
+    tests = os.path.join(REPO_ROOT, "tests")
+    offenders = []
+    for name in sorted(os.listdir(tests)):
+        if name.endswith(".py") and name != os.path.basename(__file__):
+            with open(os.path.join(tests, name), encoding="utf-8") as f:
+                if "/work/shared" in f.read():
+                    offenders.append(name)
+    assert not offenders, f"absolute shared-data paths in {offenders}; use shared_data.py"
 
 
 def test_plain_prompt_template():

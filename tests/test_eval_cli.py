@@ -7,14 +7,14 @@ import pytest
 
 from lens_megatron.eval.cli import compare, main as eval_main
 from lens_megatron.parallel.spawn import run_in_processes
+from shared_data import require_shared_data
 
-MATH500 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "math500.jsonl")
 TINY = os.path.join(os.path.dirname(__file__), "..", "lens_megatron", "configs", "tiny_cpu.yaml")
 
 
 def ascii_subset(path, count):
     rows = []
-    with open(MATH500, encoding="utf-8") as f:
+    with open(require_shared_data("math500.jsonl"), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             if row["problem"].isascii() and len(row["problem"]) < 200 and row["level"] in (1, 5):
@@ -36,7 +36,6 @@ def eval_worker(data, out, plot):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(MATH500), reason=f"MATH-500 not found at {MATH500}")
 def test_lens_eval_writes_consistent_results(tmp_path):
     data, out, png = tmp_path / "p.jsonl", tmp_path / "eval.json", tmp_path / "eval.png"
     ascii_subset(data, 6)
@@ -80,7 +79,6 @@ def hf_eval_worker(data, out, hf_dir, engine):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(MATH500), reason=f"MATH-500 not found at {MATH500}")
 @pytest.mark.parametrize("engine", ["megatron", "vllm"])
 def test_lens_eval_from_an_hf_directory(tmp_path, engine):
     """--hf-dir: converted on the fly (native sampler) or served as is (vLLM); the model's

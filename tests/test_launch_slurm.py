@@ -18,7 +18,7 @@ from lens_megatron.config import load_config
 from lens_megatron.launch import LaunchError, SlurmOptions, main, render_sbatch
 from lens_megatron.preemption import PREEMPTED_EXIT_CODE
 
-GPU_OVERRIDES = ["trainer.num_nodes=2", "trainer.devices=8", "rollout.prompts_per_step=4",
+GPU_OVERRIDES = ["trainer.num_nodes=2", "trainer.devices=8", "rollout.prompts_per_step=16",
                  "rollout.group_size=8", "model.micro_batch_size=1"]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lens_megatron.algorithms.loss import ClippedPolicyLoss, LossConfig, compute_global_normalizer
-from lens_megatron.algorithms.signal import StallGuard, learning_signal
+from lens_megatron.algorithms.signal import learning_signal
 from lens_megatron.parallel.spawn import run_in_processes
 
 LN = math.log
@@ -187,6 +187,33 @@ def test_zero_normalizer_gives_zero_loss_and_shape_errors():
         ClippedPolicyLoss()(logp, logp, torch.ones(2), torch.ones(2, 3), -1)
 
 
+def test_log_ratio_is_clamped_before_exp():
+    # Seq 0: one token with logp - old = +100, A = -1, no dual clip. exp(100) overflows float32:
+    # unclamped, rho A = -inf and the loss is +inf. Clamped at c = 20: objective -e^20, and the
+    # token gets no gradient (the clamp is flat there). Seq 1 (2 tokens): logp - old = -30 on
+    # token 0 (clamped to -20, rho = e^-20, A = +1 -> objective e^-20 / 2) and 0 on token 1
+    # (rho = 1 -> objective 1 / 2, gradient -A (1/n) / N = -1/2 / 2 = -0.25).
+    old = torch.tensor([[-100.0, 0.0], [-1.0, -2.0]])
+    logp = torch.tensor([[0.0, 0.0], [-31.0, -2.0]])
+    mask = torch.tensor([[True, False], [True, True]])
+    adv = torch.tensor([-1.0, 1.0])
+    loss, grad, m = _grad(ClippedPolicyLoss(), logp, old, adv, mask, 2)
+    assert math.isfinite(loss.item()) and bool(torch.isfinite(grad).all())
+    expected = -(-math.exp(20.0) + (math.exp(-20.0) + 1.0) / 2) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0], [0.0, -0.25]]))
+    assert m["num_log_ratio_clamped"].item() == 2
+    assert m["num_log_ratio_clamped"].dtype == torch.int64
+    assert m["ratio_max"].item() == pytest.approx(math.exp(20.0), rel=1e-6)
+    # a count: the micro-batches' counts sum to the full batch's
+    parts = [ClippedPolicyLoss()(logp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], 2)[1]
+             for i in range(2)]
+    assert sum(p["num_log_ratio_clamped"].item() for p in parts) == 2
+    # a tighter clamp from the config; the masked position (logp - old = 0) never counts
+    _, _, m = _grad(ClippedPolicyLoss(LossConfig(log_ratio_clamp=0.5)), logp, old, adv, mask, 2)
+    assert m["num_log_ratio_clamped"].item() == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -196,6 +223,9 @@ def test_zero_normalizer_gives_zero_loss_and_shape_errors():
         ({"normalization": "batch"}, "normalization"),
         ({"kl_coef": -1.0}, "kl_coef"),
         ({"kl_estimator": "k2"}, "kl_estimator"),
+        ({"log_ratio_clamp": 0.0}, "log_ratio_clamp"),
+        ({"log_ratio_clamp": 81.0}, "log_ratio_clamp"),
+        ({"log_ratio_clamp": float("inf")}, "log_ratio_clamp"),
     ],
 )
 def test_loss_config_validation(kwargs, field):
@@ -221,20 +251,3 @@ def test_learning_signal_by_group_kind():
     assert not learning_signal(rewards, torch.zeros(10), 2).has_signal
     with pytest.raises(ValueError, match="not divisible"):
         learning_signal(rewards, adv, 3)
-
-
-def test_stall_guard():
-    guard = StallGuard(stall_steps=2)
-    assert not guard.update(step_has_signal=False, loss_finite=True)
-    assert not guard.update(step_has_signal=True, loss_finite=True)  # signal resets the count
-    assert not guard.update(step_has_signal=False, loss_finite=True)
-    assert guard.update(step_has_signal=False, loss_finite=True)
-    assert "no learning signal for 2 consecutive steps" in guard.reason
-    restored = StallGuard(2)
-    restored.load_state_dict(guard.state_dict())
-    assert restored.steps_without_signal == 2
-    guard = StallGuard(stall_steps=0)  # 0 disables the stall check, not the finite check
-    assert not any(guard.update(False, True) for _ in range(10))
-    assert guard.update(True, loss_finite=False) and "not finite" in guard.reason
-    with pytest.raises(ValueError, match="stall_steps"):
-        StallGuard(-1)

@@ -122,14 +122,14 @@ def train_step_worker(tp, pp, vpp, dp, distributed_optimizer):
 
     zero_grads(training)
     _forward_backward(training.chunks, batches, step, forward_only=False)
-    ok, grad_norm, _ = optimizer_step(training)
-    assert ok
+    outcome = optimizer_step(training)
+    assert outcome.updated
     state = gather_full_state_dict(training.chunks, arch.tie_word_embeddings)
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if name in state:  # vocab padding depends on TP; compare the real rows
             state[name], before[name] = state[name][: arch.vocab_size], before[name][: arch.vocab_size]
     change = max((state[k] - before[k]).abs().max().item() for k in state)
-    return ({"grad_norm": grad_norm, "state": state, "change": change}
+    return ({"grad_norm": outcome.grad_norm, "state": state, "change": change}
             if torch.distributed.get_rank() == 0 else None)
 
 

@@ -380,7 +380,9 @@ def _reference_step(cfg, glob: dict) -> dict:
 
     trainer = trainer_module.LensTrainer(cfg)
     batch, rewards, order = _contiguous_rollout(glob, cfg.rollout.group_size, trainer.tokenizer.pad_id)
-    trainer._rollout_and_score = lambda prompts, timings: (batch, rewards, {})
+    from lens_megatron.rollout.exchange import ScoredBatch
+
+    trainer.rollouts.next = lambda step: ScoredBatch(step, step, batch, rewards, {})
     seen, original = {}, trainer_module.compute_advantages_with_diagnostics
 
     def spy(*args, **kwargs):

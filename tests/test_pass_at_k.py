@@ -14,8 +14,9 @@ from lens_megatron.eval import (
     pass_at_k_batched,
     summarize_pass_at_k,
 )
+from shared_data import shared_data_path
 
-MATH500 = "/work/shared/data/math500.jsonl"
+MATH500 = shared_data_path("math500.jsonl")
 
 
 @pytest.mark.parametrize(

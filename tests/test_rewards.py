@@ -14,8 +14,9 @@ from lens_megatron.rewards import (
     math_verify_judge,
     resolve_judge,
 )
+from shared_data import shared_data_path
 
-MATH500 = "/work/shared/data/math500.jsonl"
+MATH500 = shared_data_path("math500.jsonl")
 HANG_TIMEOUT_S = 1.0
 
 

@@ -2,6 +2,8 @@
 tokens, and the returned log-probs are those of the sampling distribution."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -27,19 +29,31 @@ def generate_worker(tp, pp, vpp, kv_cache, sequence_parallel=False, top_k=-1, to
     return batch
 
 
-@pytest.mark.slow
-def test_every_layout_and_cache_mode_samples_the_same_tokens():
+# (tp, pp, vpp, kv_cache, sequence_parallel, top_k, top_p, lean): TP=1 with the cache runs both
+# the lean decoder and megatron's modules; sequence parallelism (recompute mode) alone and
+# across pipeline stages, where a stage hands on only its [seq/TP, b, h] slice.
+LAYOUTS = [(1, 1, None, True), (1, 1, None, True, False, -1, 1.0, False), (2, 1, None, True),
+           (1, 2, None, True), (1, 2, 2, True), (2, 1, None, False, True),
+           (2, 2, None, False, True)]
+
+
+@functools.lru_cache(maxsize=1)
+def _one_process_reference():
     ref = run_in_processes(generate_worker, 1, (1, 1, None, False))[0]
     assert ref.num_sequences == 6 and bool((ref.response_lengths > 0).all())
-    # (tp, pp, vpp, kv_cache, sequence_parallel, top_k, top_p, lean): TP=1 with the cache
-    # runs both the lean decoder and megatron's modules.
-    cases = [(1, 1, None, True), (1, 1, None, True, False, -1, 1.0, False), (2, 1, None, True),
-             (1, 2, None, True), (1, 2, 2, True), (2, 1, None, False, True)]
-    for case in cases:
-        for got in run_in_processes(generate_worker, case[0] * case[1], case):
-            assert torch.equal(got.input_ids, ref.input_ids), case
-            torch.testing.assert_close(got.sampling_logprobs, ref.sampling_logprobs,
-                                       rtol=0, atol=1e-4, msg=str(case))
+    return ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", LAYOUTS, ids=lambda c: "tp{}-pp{}-vpp{}-kv{}".format(*c[:4])
+                         + ("-sp" if len(c) > 4 and c[4] else "")
+                         + ("-megatron" if len(c) > 7 and not c[7] else ""))
+def test_every_layout_and_cache_mode_samples_the_same_tokens(case):
+    ref = _one_process_reference()
+    for got in run_in_processes(generate_worker, case[0] * case[1], case):
+        assert torch.equal(got.input_ids, ref.input_ids), case
+        torch.testing.assert_close(got.sampling_logprobs, ref.sampling_logprobs,
+                                   rtol=0, atol=1e-4, msg=str(case))
 
 
 def logprob_consistency_worker(top_k, top_p):

@@ -274,3 +274,125 @@ def test_several_off_policy_updates_per_rollout(tmp_path):
     optimizer_steps, metrics = run_in_processes(off_policy_worker, 1, (str(tmp_path),))[0]
     assert optimizer_steps == 2
     assert metrics["train/ratio_max"] > 1.0 or metrics["train/approx_kl"] > 0.0
+
+
+# ----------------------------------------------------------------------------- DP edge cases
+def dp_metrics_worker(tmp_dir, devices, prompts, updates=2):
+    from lens_megatron.trainer import LensTrainer
+
+    cfg = tiny_config(tmp_dir, f"rollout.prompts_per_step={prompts}",
+                      f"optim.updates_per_rollout={updates}",
+                      "model.micro_batch_size=2", "model.init_seed=3", "optim.lr=0.05",
+                      "optim.adam_eps=1.0", "rollout.kv_cache=true", devices=devices)
+    init_for(cfg)
+    trainer = LensTrainer(cfg)
+    seen = {}
+    original = trainer.rollouts.next
+
+    def spy(step):
+        scored = original(step)
+        seen["ids"] = scored.batch.input_ids.clone()
+        return scored
+
+    trainer.rollouts.next = spy
+    metrics = trainer.train_step()
+    trainer.close()
+    keep = {k: v for k, v in metrics.items() if k.startswith(("train/", "reward/", "groups/"))
+            and not k.startswith("train/time")}
+    return {"metrics": keep, "ids": seen["ids"]}
+
+
+def test_dp_metrics_reduced_by_their_own_rule(tmp_path):
+    """DP=2 gives the one-process metrics: counts summed, maxima maxed, means token-weighted
+    (a plain mean of per-micro-batch maxima and fractions does not)."""
+    ref = run_in_processes(dp_metrics_worker, 1, (str(tmp_path / "one"), 1, 2))[0]
+    got = run_in_processes(dp_metrics_worker, 2, (str(tmp_path / "dp"), 2, 2))[0]
+    assert ref["metrics"]["train/ratio_max"] > ref["metrics"]["train/ratio_mean"]  # off-policy
+    for key, value in ref["metrics"].items():
+        assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert got["metrics"]["train/num_sequences"] == 2 * 4  # 2 prompts × G=4, both updates
+
+
+def test_prompts_not_a_multiple_of_dp_are_all_generated(tmp_path):
+    """3 prompts at DP=2: the ranks generate 2 + 1, nothing is dropped, and the batch is the
+    one-process batch token for token."""
+    ref = run_in_processes(dp_metrics_worker, 1, (str(tmp_path / "one"), 1, 3, 1))[0]
+    got = run_in_processes(dp_metrics_worker, 2, (str(tmp_path / "dp"), 2, 3, 1))[0]
+    assert ref["ids"].shape[0] == 3 * 4 and torch.equal(got["ids"], ref["ids"])
+
+
+def test_too_few_prompts_for_the_replicas_is_a_config_error(tmp_path):
+    from lens_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.prompts_per_step.*2 generating replicas"):
+        tiny_config(str(tmp_path), "rollout.prompts_per_step=1", "model.micro_batch_size=1",
+                    devices=2)
+
+
+def preference_worker(tmp_dir, overrides):
+    from lens_megatron.trainer import LensTrainer
+
+    cfg = tiny_config(tmp_dir, "model.init_seed=3",
+                      "reward.judge=trainer_helpers:every_third_correct_judge", *overrides)
+    init_for(cfg)
+    trainer = LensTrainer(cfg)
+    force_boxed_answers(trainer)
+    metrics = trainer.train_step()
+    trainer.close()
+    return metrics
+
+
+def test_sampling_preference_gets_the_engine_logprobs(tmp_path):
+    """App. C's rho = mu in the trainer: the engine's sequence log-probs reach the advantage
+    stage. The native sampler samples from the trainer's own distribution (w = 1), so the
+    penalty is constant per group and the z-scored advantages are GRPO's."""
+    got = run_in_processes(preference_worker, 1, (str(tmp_path / "mu"), ["lens.preference=sampling"]))[0]
+    grpo = run_in_processes(preference_worker, 1, (str(tmp_path / "grpo"), ["lens.estimator=grpo"]))[0]
+    assert got["groups/mixed_group_ratio"] > 0
+    assert got["advantage/abs_mean"] == pytest.approx(grpo["advantage/abs_mean"], rel=1e-4)
+
+
+def old_logprobs_worker(tmp_dir, source):
+    from lens_megatron.trainer import LensTrainer
+
+    cfg = tiny_config(tmp_dir, f"loss.old_logprobs={source}", "model.init_seed=3",
+                      "reward.judge=trainer_helpers:every_third_correct_judge",
+                      "optim.lr=0.05", "optim.adam_eps=1.0")
+    init_for(cfg)
+    trainer = LensTrainer(cfg)
+    force_boxed_answers(trainer)
+    calls = []
+    original = trainer.actor.compute_logprobs
+    trainer.actor.compute_logprobs = lambda *a, **k: calls.append(1) or original(*a, **k)
+    metrics = trainer.train_step()
+    weights = full_weights(trainer)
+    trainer.close()
+    return metrics, weights, len(calls)
+
+
+def test_old_logprobs_from_the_engine_equal_the_recompute(tmp_path):
+    """loss.old_logprobs: engine skips the old-log-prob forward and, where the engine samples the
+    trainer's distribution (fp32 native sampler, one update, no truncation), gives the same loss,
+    gradient and weights as recomputing pi_old."""
+    rec, rec_w, rec_calls = run_in_processes(old_logprobs_worker, 1, (str(tmp_path / "r"), "recompute"))[0]
+    eng, eng_w, eng_calls = run_in_processes(old_logprobs_worker, 1, (str(tmp_path / "e"), "engine"))[0]
+    assert rec_calls == 1 and eng_calls == 0
+    assert eng["setup/old_logprobs_from_engine"] == 1.0 and rec["setup/old_logprobs_from_engine"] == 0.0
+    assert rec["groups/mixed_group_ratio"] > 0 and rec["train/grad_norm"] > 0
+    for key in ("train/loss", "train/grad_norm", "advantage/abs_mean"):
+        assert eng[key] == pytest.approx(rec[key], rel=1e-5, abs=1e-5), key
+    for name, value in rec_w.items():
+        torch.testing.assert_close(eng_w[name], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.updates_per_rollout=2", "optim.updates_per_rollout"),
+    ("rollout.top_k=5", "rollout.top_k"),
+    ("rollout.top_p=0.9", "rollout.top_k"),
+    ("loss.rollout_correction=tis_token", "loss.rollout_correction"),
+])
+def test_old_logprobs_from_the_engine_refused_where_it_is_not_pi_old(tmp_path, override, key):
+    from lens_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*old_logprobs: engine"):
+        tiny_config(str(tmp_path), "loss.old_logprobs=engine", override)

@@ -109,3 +109,29 @@ def test_vllm_colocated_with_tp2_training_and_one_replica_per_rank(tmp_path):
     results = run_in_processes(sync_worker, 2, (str(tmp_path), 2, 1, 2), timeout=900)
     for result in results:
         _check(result)
+
+
+def resume_worker(tmp_dir, steps):
+    from lens_megatron.trainer import LensTrainer
+
+    cfg = tiny_config(tmp_dir, *VLLM_TINY, f"trainer.max_steps={steps}", "trainer.save_every=1")
+    init_for(cfg)
+    trainer = LensTrainer(cfg)
+    if steps == 1:
+        trainer.run()  # trains one step and saves it
+        out = None
+    else:  # a new process: resume from that checkpoint, as after a preemption
+        trainer.maybe_resume()
+        out = {"actor": actor_logprobs(trainer), "engine": engine_logprobs(trainer),
+               "step": trainer.step}
+    trainer.close()
+    return out
+
+
+def test_resumed_vllm_engine_serves_the_checkpoint_weights(tmp_path):
+    """The engine is built from the initial weights before the checkpoint loads; after the
+    resume it must serve the checkpoint's weights (its log-probs equal the actor's)."""
+    run_in_processes(resume_worker, 1, (str(tmp_path), 1), timeout=600)
+    got = run_in_processes(resume_worker, 1, (str(tmp_path), 2), timeout=600)[0]
+    assert got["step"] == 1
+    torch.testing.assert_close(got["engine"], got["actor"], rtol=0, atol=1e-4)

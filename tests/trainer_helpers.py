@@ -43,10 +43,15 @@ def init_for(cfg: LensTrainConfig) -> None:
 
 
 def full_weights(trainer) -> dict[str, torch.Tensor]:
+    return actor_weights(trainer.actor)
+
+
+def actor_weights(actor) -> dict[str, torch.Tensor]:
+    """The actor's whole model, unpadded vocab rows, on every rank (a collective)."""
     from lens_megatron.models.gather import gather_full_state_dict
 
-    arch = trainer.cfg.model.arch
-    state = gather_full_state_dict(trainer.actor.chunks, arch.tie_word_embeddings)
+    arch = actor.cfg.model.arch
+    state = gather_full_state_dict(actor.chunks, arch.tie_word_embeddings)
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if name in state:
             state[name] = state[name][: arch.vocab_size]
@@ -74,3 +79,12 @@ def force_boxed_answers(trainer, text: str = "\\boxed{1}") -> None:
         return batch
 
     trainer.engine.generate = boxed
+
+
+_calls = {"n": 0}
+
+
+def every_third_correct_judge(predicted: str, gold: str) -> bool:
+    """Deterministic mixed groups: every third judged sample is right (in-process verifier)."""
+    _calls["n"] += 1
+    return _calls["n"] % 3 == 0

@@ -61,7 +61,34 @@ def ours_overrides(args, exp_dir: str, ignore_eos: bool) -> list[str]:
            "trainer.progress_bar=false", f"trainer.seed={args.seed}"]
     if ignore_eos:
         out.append("rollout.ignore_eos=true")
-    return out + list(getattr(args, "extra_overrides", [])) + list(args.ours_override)
+    return out + shape_overrides(args) + list(getattr(args, "extra_overrides", [])) \
+        + list(args.ours_override)
+
+
+# (our config key, TRL baseline flag) of the model shape; None = the config's / baseline's default.
+SHAPE = (("hidden_size", "--hidden-size"), ("ffn_hidden_size", "--ffn-hidden-size"),
+         ("num_layers", "--num-layers"), ("num_attention_heads", "--num-heads"),
+         ("num_query_groups", "--num-kv-heads"), ("vocab_size", "--vocab-size"))
+
+
+def shape_overrides(args) -> list[str]:
+    out = [f"model.arch.{key}={getattr(args, key)}" for key, _ in SHAPE
+           if getattr(args, key) is not None]
+    if args.tie_word_embeddings:
+        out.append("model.arch.tie_word_embeddings=true")
+    return out
+
+
+def trl_shape_args(args) -> list[str]:
+    """The same shape for TRL's Qwen2 (its vocab is ours padded to 128, as megatron pads)."""
+    out = []
+    for key, flag in SHAPE:
+        value = getattr(args, key)
+        if value is not None:
+            out += [flag, str(-(-value // 128) * 128 if key == "vocab_size" else value)]
+    if args.tie_word_embeddings:
+        out.append("--tie-word-embeddings")
+    return out
 
 
 def ours_supports(args, override: str) -> bool:
@@ -117,7 +144,7 @@ def run_trl(args, workdir: str, ignore_eos: bool) -> dict:
            "--prompts-per-step", str(args.prompts), "--group-size", str(args.group_size),
            "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
            "--micro-batch", str(args.trl_micro_batch), "--seed", str(args.seed),
-           "--workdir", os.path.join(workdir, "trl"), "--out", out_path]
+           "--workdir", os.path.join(workdir, "trl"), "--out", out_path, *trl_shape_args(args)]
     if ignore_eos:
         cmd.append("--ignore-eos")
     t0 = time.perf_counter()
@@ -279,6 +306,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eos", choices=("ignore", "natural"), default="ignore",
                    help="ignore: both sides generate exactly --max-new-tokens")
+    for key, _ in SHAPE:
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, default=None,
+                       help=f"model shape, both sides (ours: model.arch.{key})")
+    p.add_argument("--tie-word-embeddings", action="store_true", help="tied LM head, both sides")
     p.add_argument("--ours-override", action="append", default=[],
                    help="extra key=value override for our trainer (repeatable)")
     p.add_argument("--machine", default="2-core CPU sandbox, 24 GiB", help="label for the header")
@@ -344,6 +375,7 @@ def main(argv=None) -> int:
           f"{meta['transformers']}; threads {args.threads} both sides")
     print(f"lens-megatron: {ours_version(args)} (run from {args.ours_repo}); extra overrides: "
           f"{' '.join(args.extra_overrides + list(args.ours_override)) or 'none'}")
+    print("model shape: " + (" ".join(shape_overrides(args)) or "the config's (tiny default)"))
     print(f"batch: {args.prompts} prompts x {args.group_size} samples x {args.max_new_tokens} "
           f"new tokens; eos={args.eos} (ours ignore_eos={ours_ignore}); ours micro-batch "
           f"{args.micro_batch}, TRL micro-batch {meta['micro_batch']} x grad-accum "

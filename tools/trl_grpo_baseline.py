@@ -92,7 +92,7 @@ def build_model(path: str, args):
         intermediate_size=args.ffn_hidden_size, num_hidden_layers=args.num_layers,
         num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
         max_position_embeddings=args.max_positions, rope_theta=10000.0,
-        tie_word_embeddings=False, use_cache=True, pad_token_id=0, bos_token_id=1,
+        tie_word_embeddings=args.tie_word_embeddings, use_cache=True, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, torch_dtype="float32")
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(path)
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-kv-heads", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=128)
     p.add_argument("--max-positions", type=int, default=128)
+    p.add_argument("--tie-word-embeddings", action="store_true")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", required=True, help="JSONL file: one line per optimizer step")
     p.add_argument("--workdir", default=None)

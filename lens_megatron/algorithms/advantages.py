@@ -38,14 +38,27 @@ exactly ``r - (1 - r) * penalty``, so Eq. 10 is used unchanged. Group kinds come
 ``G = 1`` gives all zeros (no group statistics exist). A negative group whose calibrated rewards
 are all equal (equal confidences) gets exact zeros, not rounding noise.
 
-App. C length preference (``length_preference_gamma = gamma``): the negative penalty
-``(1/G) p_i / (D - p_i)`` is replaced by ``(1/n_i) p_i / (gamma - p_i)`` (0 when ``n_i = 0``), i.e.
-``r~_i = r_i - (1 - r_i) (1/n_i) p_i / (gamma - p_i)``. It composes with everything else unchanged:
-mixed groups are z-scored, negative groups de-meaned and weighted by alpha, positive groups 0, and
-the ``lens_groups`` ablation switches apply. D is not used. ``1/n_i`` plays the role of Sec. 5.1's
-``1/G`` as the small scale; unlike the 1/G form, sign invariance in mixed groups is not guaranteed
-(a single near-``gamma`` mistake can pull the group mean below the other mistakes). ``gamma`` must
-exceed the confidence of every sample with incorrect mass (``r < 1``), else ``ValueError``.
+App. C preference functions (``preference``; the penalties are in ``preference.py``):
+
+* ``"none"`` (default, rho = 1): Sec. 5.1 as above, with the floor multiplier ``m`` of
+  ``D = max(D_imp, m max p)`` configurable (``d_floor_multiplier``, default 2; ``m > 1`` keeps
+  ``D - p_i >= (m - 1) max p > 0``, ``m >= 2`` keeps the calibrated rewards in ``[-1, 1]``).
+* ``"length"`` (``length_preference_gamma = gamma``): the negative penalty
+  ``(1/G) p_i / (D - p_i)`` is replaced by ``(1/n_i) p_i / (gamma - p_i)`` (0 when ``n_i = 0``).
+  D is not used. ``1/n_i`` plays the role of Sec. 5.1's ``1/G`` as the small scale; unlike the
+  1/G form, sign invariance in mixed groups is not guaranteed (a single near-``gamma`` mistake
+  can pull the group mean below the other mistakes). ``gamma`` must exceed the confidence of
+  every sample with incorrect mass (``r < 1``), else ``ValueError``.
+* ``"sampling"`` (rho = mu, the rollout engine's distribution): penalty ``w_i / (D - w_i)`` with
+  the sequence ratio ``w_i = exp(S_i - M_i)`` (``M``: ``sampling_logprob_sums``, required) and
+  ``D = max(G / sum r, m max w)``.
+* ``"policy"`` (rho = pi_theta): penalty ``1 / (D - 1)`` with ``D = G / sum r``.
+
+Every variant composes with the rest unchanged: mixed groups are z-scored, negative groups
+de-meaned and weighted by alpha, positive groups 0, and the ``lens_groups`` ablation switches
+apply. The App. C penalties carry no 1/G factor (App. C states them without one); ``sampling``
+and ``policy`` give negative groups no signal (``D = inf``) and, at ``w = 1``, GRPO's
+advantages (see ``preference.py``).
 """
 from __future__ import annotations
 
@@ -53,6 +66,9 @@ import operator
 from dataclasses import dataclass
 
 import torch
+
+from .advantage_diagnostics import GROUP_MIXED, GROUP_NEGATIVE, GROUP_POSITIVE, AdvantageDiagnostics
+from .preference import length_penalty, policy_penalty, sampling_penalty
 
 __all__ = [
     "AdvantageConfig",
@@ -64,9 +80,10 @@ __all__ = [
     "compute_advantages_with_diagnostics",
 ]
 
-GROUP_MIXED, GROUP_NEGATIVE, GROUP_POSITIVE = 0, 1, 2
 ESTIMATORS = ("lens", "grpo")
 LENS_GROUPS = ("all", "mixed", "negative")
+PREFERENCES = ("none", "length", "sampling", "policy")
+USES_D_FLOOR = ("none", "sampling")
 
 
 @dataclass
@@ -79,15 +96,23 @@ class AdvantageConfig:
         groups (the paper's method); ``"mixed"``: calibrate only in mixed groups, negative groups
         stay 0; ``"negative"``: mixed groups are plain GRPO, negative groups get LENS.
     negative_group_weight: alpha, the weight of negative groups (Sec. 5.1, "Final Objective").
-    length_preference_gamma: gamma of App. C's length-preference negative reward; None (default)
-        uses Sec. 5.1's difficulty-D penalty.
+    preference: App. C's preference function rho. ``"none"`` (rho = 1, Sec. 5.1), ``"length"``
+        (rho = gamma^|o|, needs ``length_preference_gamma``), ``"sampling"`` (rho = mu; the caller
+        passes ``sampling_logprob_sums``), ``"policy"`` (rho = pi_theta, penalty 1/(D - 1)).
+        None (default): ``"length"`` when ``length_preference_gamma`` is set, else ``"none"``.
+    length_preference_gamma: gamma of App. C's length-preference negative reward; only with
+        ``preference`` ``"length"`` (or None).
+    d_floor_multiplier: m in ``D = max(estimate, m * max confidence)`` (Sec. 5.1: 2); used by
+        ``preference`` ``"none"`` and ``"sampling"``; must be finite and > 1.
     std_eps: the epsilon added to the group std in mixed groups.
     """
 
     estimator: str = "lens"
     lens_groups: str = "all"
     negative_group_weight: float = 0.25
+    preference: str | None = None
     length_preference_gamma: float | None = None
+    d_floor_multiplier: float = 2.0
     std_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -102,85 +127,46 @@ class AdvantageConfig:
             raise ValueError(
                 f"AdvantageConfig.negative_group_weight must be finite and >= 0, got {self.negative_group_weight!r}"
             )
-        gamma = self.length_preference_gamma
+        self._check_preference()
+        if not (float(self.std_eps) > 0.0):
+            raise ValueError(f"AdvantageConfig.std_eps must be > 0, got {self.std_eps!r}")
+
+    @property
+    def preference_function(self) -> str:
+        """``preference`` with None resolved: ``"length"`` if ``length_preference_gamma`` is set,
+        else ``"none"`` (the field itself stays None, so a config layer can still set gamma)."""
+        if self.preference is not None:
+            return self.preference
+        return "none" if self.length_preference_gamma is None else "length"
+
+    def _check_preference(self) -> None:
+        gamma, preference = self.length_preference_gamma, self.preference_function
+        if preference not in PREFERENCES:
+            raise ValueError(f"AdvantageConfig.preference must be one of {PREFERENCES}, got {self.preference!r}")
         if gamma is not None:
             if not (float(gamma) > 0.0 and float(gamma) != float("inf")):
                 raise ValueError(
                     f"AdvantageConfig.length_preference_gamma must be finite and > 0, got {gamma!r}"
                 )
+            if preference != "length":
+                raise ValueError(f"AdvantageConfig.length_preference_gamma is only used with preference='length', "
+                                 f"got preference={preference!r}; unset it")
             if self.estimator != "lens":
                 raise ValueError("AdvantageConfig.length_preference_gamma is only used with estimator='lens'")
-        if not (float(self.std_eps) > 0.0):
-            raise ValueError(f"AdvantageConfig.std_eps must be > 0, got {self.std_eps!r}")
-
-
-@dataclass
-class AdvantageDiagnostics:
-    """What the advantage stage saw: the per-group/per-sample tensors it computed, and the scalar
-    diagnostics as properties (0-d tensors, computed only when read: ``compute_advantages`` pays
-    nothing for them, and nothing syncs with the device until ``as_dict``).
-
-    Ratios are over groups; ``mean_abs_advantage_*`` over the samples of that kind of group and
-    ``mean_calibrated_reward_incorrect`` over samples with ``r == 0`` (each 0 when there are none).
-    ``d_imp_won_fraction``: fraction of mixed groups where ``D_imp`` exceeded the floor ``2 max p``.
-    ``difficulty_D`` is absolute (``D / max p`` times ``max p``) and may underflow to 0 for tiny p.
-    """
-
-    group_kind: torch.Tensor  # [B] int64: GROUP_MIXED / GROUP_NEGATIVE / GROUP_POSITIVE
-    rewards: torch.Tensor  # [B, G] float64
-    confidence: torch.Tensor  # [B, G] float64, p_i
-    calibrated_reward: torch.Tensor  # [B, G] float64, r~_i (Eq. 10)
-    difficulty_D: torch.Tensor  # [B] float64
-    d_imp_won: torch.Tensor  # [B] bool, D_imp > 2 max p
-    advantages: torch.Tensor  # [B, G] float64
-
-    SCALARS = (
-        "mixed_group_ratio", "negative_group_ratio", "positive_group_ratio",
-        "mean_abs_advantage_mixed", "mean_abs_advantage_negative", "mean_abs_advantage_positive",
-        "mean_calibrated_reward_incorrect", "d_imp_won_fraction", "negative_groups_with_signal",
-        "mean_confidence", "max_abs_advantage",
-    )
-
-    def _ratio(self, kind: int) -> torch.Tensor:
-        return (self.group_kind == kind).sum().double() / max(self.group_kind.numel(), 1)
-
-    def _mean_abs(self, kind: int) -> torch.Tensor:
-        sel = (self.group_kind == kind).unsqueeze(1).expand_as(self.advantages)
-        return torch.where(sel, self.advantages.abs(), 0.0).sum() / sel.sum().clamp(min=1)
-
-    mixed_group_ratio = property(lambda self: self._ratio(GROUP_MIXED))
-    negative_group_ratio = property(lambda self: self._ratio(GROUP_NEGATIVE))
-    positive_group_ratio = property(lambda self: self._ratio(GROUP_POSITIVE))
-    mean_abs_advantage_mixed = property(lambda self: self._mean_abs(GROUP_MIXED))
-    mean_abs_advantage_negative = property(lambda self: self._mean_abs(GROUP_NEGATIVE))
-    mean_abs_advantage_positive = property(lambda self: self._mean_abs(GROUP_POSITIVE))
-
-    @property
-    def mean_calibrated_reward_incorrect(self) -> torch.Tensor:
-        incorrect = self.rewards == 0
-        return torch.where(incorrect, self.calibrated_reward, 0.0).sum() / incorrect.sum().clamp(min=1)
-
-    @property
-    def d_imp_won_fraction(self) -> torch.Tensor:
-        mixed = self.group_kind == GROUP_MIXED
-        return (self.d_imp_won & mixed).sum().double() / mixed.sum().clamp(min=1)
-
-    @property
-    def negative_groups_with_signal(self) -> torch.Tensor:
-        return ((self.group_kind == GROUP_NEGATIVE) & (self.advantages != 0).any(dim=1)).sum()
-
-    @property
-    def mean_confidence(self) -> torch.Tensor:
-        return self.confidence.sum() / max(self.confidence.numel(), 1)
-
-    @property
-    def max_abs_advantage(self) -> torch.Tensor:
-        return self.advantages.abs().amax() if self.advantages.numel() else self.advantages.new_zeros(())
-
-    def as_dict(self, prefix: str = "adv/") -> dict[str, float]:
-        """The scalar diagnostics as Python floats (one host sync), for a logger."""
-        values = torch.stack([getattr(self, n).double() for n in self.SCALARS]).tolist()
-        return {prefix + n: v for n, v in zip(self.SCALARS, values)}
+        elif preference == "length":
+            raise ValueError("AdvantageConfig.preference='length' needs length_preference_gamma (gamma > 0)")
+        if preference != "none" and self.estimator != "lens":
+            raise ValueError(f"AdvantageConfig.preference={preference!r} is only used with estimator='lens'")
+        m = float(self.d_floor_multiplier)
+        if not (1.0 < m < float("inf")):
+            raise ValueError(
+                f"AdvantageConfig.d_floor_multiplier must be finite and > 1 (D - p_i >= (m - 1) max p "
+                f"must stay positive; the paper uses 2), got {self.d_floor_multiplier!r}"
+            )
+        if m != 2.0 and (self.estimator != "lens" or preference not in USES_D_FLOOR):
+            raise ValueError(f"AdvantageConfig.d_floor_multiplier is only used with estimator='lens' and "
+                             f"preference in {USES_D_FLOOR}, got estimator={self.estimator!r}, "
+                             f"preference={preference!r}; leave it at 2.0")
 
 
 def _as_1d(name: str, x, device) -> torch.Tensor:
@@ -243,44 +229,57 @@ def log_confidence(s: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.where(has_tokens, s.clamp(max=0.0) / torch.where(has_tokens, n, 1.0), -float("inf"))
 
 
-def difficulty_ratio(r: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sampling_log_ratio(sampling_logprob_sums, s: torch.Tensor) -> torch.Tensor:
+    """``log w = min(S, 0) - min(M, 0)``, the log sequence ratio pi_theta / mu (checked ``M``)."""
+    if sampling_logprob_sums is None:
+        raise ValueError("preference='sampling' needs sampling_logprob_sums: the rollout engine's "
+                         "sum of log-probs over each response (rho = mu, App. C)")
+    m = _as_1d("sampling_logprob_sums", sampling_logprob_sums, s.device)
+    if m.numel() != s.numel():
+        raise ValueError(f"sampling_logprob_sums has length {m.numel()} but rewards has length {s.numel()}")
+    if m.numel() and bool((~torch.isfinite(m)).any()):
+        raise ValueError("sampling_logprob_sums must be finite: a sampled response has non-zero "
+                         "probability under the distribution that sampled it")
+    return s.clamp(max=0.0) - m.clamp(max=0.0)
+
+
+def difficulty_ratio(r: torch.Tensor, u: torch.Tensor, floor: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``difficulty_D / max_j p_j`` per group ``[B, 1]`` and whether ``D_imp`` beat the floor.
 
-    ``D_imp / max p = G / sum_i r_i / u_i`` (Eq. 14); floor 2 (= ``2 max p / max p``). Groups with
-    no correct mass (``sum r = 0``, negative groups) use the floor only.
+    ``D_imp / max p = G / sum_i r_i / u_i`` (Eq. 14); floor ``m`` (= ``m max p / max p``, Sec. 5.1:
+    m = 2). Groups with no correct mass (``sum r = 0``, negative groups) use the floor only.
     """
     G = r.shape[1]
     inv_u = torch.where(r > 0, r / u, 0.0)  # r/u = inf when u = 0 -> D_imp = 0, floor wins
     total = inv_u.sum(dim=1, keepdim=True)
     d_imp = torch.where(total > 0, G / torch.where(total > 0, total, 1.0), 0.0)
-    return torch.clamp(d_imp, min=2.0), d_imp > 2.0
+    return torch.clamp(d_imp, min=floor), d_imp > floor
 
 
-def confidence_penalty(r, l, n, cfg: AdvantageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def confidence_penalty(r, l, n, cfg: AdvantageConfig, log_w=None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Penalty multiplying ``(1 - r_i)`` in the calibrated reward, all ``[B, G]`` float64.
 
     Returns ``(penalty, difficulty_D [B], d_imp_won [B])``. Sec. 5.1: ``(1/G) q_i`` with
-    ``q_i = p_i / (D - p_i) = u_i / (d - u_i)``; App. C: ``(1/n_i) p_i / (gamma - p_i)``.
+    ``q_i = p_i / (D - p_i) = u_i / (d - u_i)``; App. C: ``preference.py`` (``log_w``: the log
+    sequence ratio pi_theta / mu, for ``preference='sampling'``). ``d_imp_won``: D's estimate
+    beat the floor (always true for ``policy``, which has no floor, in groups with sum r > 0).
     """
     G = r.shape[1]
     l_max = l.amax(dim=1, keepdim=True)
     has_p = l > -float("inf")
     u = torch.where(has_p, torch.exp(l - torch.where(has_p, l_max, 0.0)), 0.0)  # p_i / max p
-    d, d_imp_won = difficulty_ratio(r, u)
+    d, d_imp_won = difficulty_ratio(r, u, float(cfg.d_floor_multiplier))
     difficulty_D = (d * torch.exp(l_max)).squeeze(1)
-    if cfg.length_preference_gamma is None:
+    preference = cfg.preference_function
+    if preference == "none":
         return (u / (d - u)) / G, difficulty_D, d_imp_won.squeeze(1)  # Sec. 5.1 calibrated ratio
-    gamma = float(cfg.length_preference_gamma)
-    p = torch.exp(l)
-    incorrect_p = torch.where(r < 1, p, 0.0)
-    if incorrect_p.numel() and incorrect_p.max() >= gamma:
-        raise ValueError(
-            f"length_preference_gamma={gamma} must exceed every confidence p_i of a sample with r < 1; "
-            f"max such p_i = {incorrect_p.max().item():.6g}"
-        )
-    used = (n > 0) & (r < 1)  # correct samples never use it (and may have p >= gamma)
-    pref = torch.where(used, p / torch.where(used, gamma - p, 1.0) / torch.where(used, n, 1.0), 0.0)  # App. C
-    return pref, difficulty_D, d_imp_won.squeeze(1)
+    if preference == "length":  # D is not used; the Sec. 5.1 D is still reported
+        return length_penalty(r, l, n, float(cfg.length_preference_gamma)), difficulty_D, d_imp_won.squeeze(1)
+    if preference == "sampling":
+        return sampling_penalty(r, log_w, float(cfg.d_floor_multiplier))
+    penalty, D = policy_penalty(r)
+    return penalty, D, r.sum(dim=1) > 0
 
 
 def calibrated_reward(r: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -306,20 +305,27 @@ def compute_advantages_with_diagnostics(
     response_lengths: torch.Tensor,
     group_size: int,
     cfg: AdvantageConfig | None = None,
+    *,
+    sampling_logprob_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AdvantageDiagnostics]:
     """Advantages ``[B*G]`` float32 (on the device of ``rewards``) plus diagnostics.
 
     ``rewards`` in [0, 1], ``logprob_sums`` = ``S_i`` (sum of old-policy token log-probs over the
     response), ``response_lengths`` = ``n_i``; all 1-D of length ``B*G`` with each prompt's
-    ``G = group_size`` samples contiguous.
+    ``G = group_size`` samples contiguous. ``sampling_logprob_sums`` = ``M_i``, the rollout
+    engine's log-prob sum of the same response: required by ``preference='sampling'``, not read
+    otherwise.
     """
     cfg = cfg or AdvantageConfig()
     r, s, n, group_size = _validate_inputs(rewards, logprob_sums, response_lengths, group_size)
+    log_w = None
+    if cfg.estimator == "lens" and cfg.preference_function == "sampling":
+        log_w = _sampling_log_ratio(sampling_logprob_sums, s).view(-1, group_size)
     r, s, n = (t.view(-1, group_size) for t in (r, s, n))
     kind = classify_groups(r)
     l = log_confidence(s, n)
     p = torch.exp(l)
-    penalty, difficulty_D, d_imp_won = confidence_penalty(r, l, n, cfg)
+    penalty, difficulty_D, d_imp_won = confidence_penalty(r, l, n, cfg, log_w)
     r_tilde = calibrated_reward(r, penalty)
 
     lens = cfg.estimator == "lens"
@@ -343,6 +349,9 @@ def compute_advantages(
     response_lengths: torch.Tensor,
     group_size: int,
     cfg: AdvantageConfig | None = None,
+    *,
+    sampling_logprob_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample advantages ``[B*G]`` float32; see the module docstring for the conventions."""
-    return compute_advantages_with_diagnostics(rewards, logprob_sums, response_lengths, group_size, cfg)[0]
+    return compute_advantages_with_diagnostics(rewards, logprob_sums, response_lengths, group_size, cfg,
+                                               sampling_logprob_sums=sampling_logprob_sums)[0]

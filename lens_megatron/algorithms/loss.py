@@ -1,7 +1,7 @@
 """Clipped policy loss (paper Eq. 3; DESIGN §4), NeMo-RL style: a typed config + a small callable.
 
-Per response token t of sequence i, with ``rho = exp(logp - old_logp)`` and the sequence
-advantage ``A_i`` broadcast over its tokens:
+Per response token t of sequence i, with ``rho = exp(clamp(logp - old_logp, -c, c))`` and the
+sequence advantage ``A_i`` broadcast over its tokens:
 
     surrogate_t = min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)          # Eq. 3
     dual clip (A < 0, optional c > 1): surrogate_t = max(surrogate_t, c A)
@@ -14,6 +14,12 @@ Aggregation: ``"sequence"`` (paper): ``sum_i (1/n_i) sum_t objective_t / N_seq``
 caller (see ``compute_global_normalizer``), so summing the micro-batch losses over micro-batches
 and ranks gives exactly the full-batch loss and gradient. The rollout weights multiply the policy
 term only, not the KL penalty.
+
+The log-ratio is clamped to ``[-c, c]`` (``log_ratio_clamp``, default 20) before the exp: with
+``A < 0`` and no dual clip the surrogate ``rho A`` is unbounded below, and one token whose
+log-prob jumped (or whose old log-prob was garbage) would overflow ``exp`` and make the loss
+infinite. A clamped token contributes ``e^{±c} A`` and no gradient (the clamp is flat there);
+``num_log_ratio_clamped`` counts them.
 
 Masked positions (``mask == 0``) contribute nothing to the loss, the gradient or the metrics even
 if their log-probs are NaN/inf garbage: they are removed with ``torch.where`` before any
@@ -31,13 +37,16 @@ __all__ = ["ClippedPolicyLoss", "LossConfig", "compute_global_normalizer"]
 
 NORMALIZATIONS = ("sequence", "token")
 KL_ESTIMATORS = ("k1", "k3")
+MAX_LOG_RATIO_CLAMP = 80.0  # e^80 = 5.5e34 < float32 max 3.4e38
 
 
 @dataclass
 class LossConfig:
     """Clipped-surrogate settings. eps: PPO clip range (paper: 0.2); ``dual_clip_c``: None or > 1;
     ``normalization``: "sequence" (paper Eq. 3) or "token" (DAPO); ``kl_coef``: beta (paper 0);
-    ``kl_estimator``: "k1" (``log pi/pi_ref``) or "k3" (``pi_ref/pi - log(pi_ref/pi) - 1``)."""
+    ``kl_estimator``: "k1" (``log pi/pi_ref``) or "k3" (``pi_ref/pi - log(pi_ref/pi) - 1``);
+    ``log_ratio_clamp``: c, ``logp - old_logp`` is clamped to ``[-c, c]`` before the exp,
+    ``0 < c <= 80`` (``e^c`` must stay finite in float32)."""
 
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
@@ -45,6 +54,7 @@ class LossConfig:
     normalization: str = "sequence"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    log_ratio_clamp: float = 20.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.clip_eps_low) < 1.0:
@@ -61,6 +71,11 @@ class LossConfig:
             raise ValueError(f"LossConfig.kl_coef must be finite and >= 0, got {self.kl_coef!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"LossConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if not 0.0 < float(self.log_ratio_clamp) <= MAX_LOG_RATIO_CLAMP:
+            raise ValueError(
+                f"LossConfig.log_ratio_clamp must be in (0, {MAX_LOG_RATIO_CLAMP:g}] (exp of it must stay "
+                f"finite in float32; peers use 20), got {self.log_ratio_clamp!r}"
+            )
 
 
 def compute_global_normalizer(
@@ -138,13 +153,17 @@ class ClippedPolicyLoss:
         ref_logprobs: torch.Tensor | None = None,
         rollout_weights: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
+        tokens_per_sequence: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Micro-batch loss (a 0-d tensor with grad w.r.t. ``logprobs``) and detached metrics.
 
         ``logprobs``/``old_logprobs``/``mask`` ``[B, S]``; ``advantages`` ``[B]``;
         ``global_normalizer`` the global sequence or token count (``compute_global_normalizer``);
         ``ref_logprobs`` required when ``kl_coef > 0``; ``rollout_weights`` ``[B, S]`` from
-        ``rollout_correction_weights``; ``entropy`` ``[B, S]`` only for the metrics.
+        ``rollout_correction_weights``; ``entropy`` ``[B, S]`` only for the metrics;
+        ``tokens_per_sequence`` ``[B]``: each sequence's response-token count when this call
+        sees only part of its tokens (context parallelism: the per-sequence mean of Eq. 3 must
+        divide by the whole sequence's count, not by the tokens on this rank).
         """
         cfg = self.cfg
         self._check(logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_weights, entropy)
@@ -152,7 +171,9 @@ class ClippedPolicyLoss:
             raise ValueError("ref_logprobs is required when LossConfig.kl_coef > 0")
         valid = mask.bool()
         adv = advantages.detach().to(logprobs.dtype).unsqueeze(1).expand_as(logprobs)
-        log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), 0.0)
+        raw_log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), 0.0)
+        c = float(cfg.log_ratio_clamp)
+        log_ratio = raw_log_ratio.clamp(-c, c)
         ratio = torch.exp(log_ratio)
         clipped_ratio = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
         surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)  # Eq. 3
@@ -167,12 +188,14 @@ class ClippedPolicyLoss:
             objective = objective - cfg.kl_coef * kl_ref
         objective = torch.where(valid, objective, 0.0)
         if cfg.normalization == "sequence":
-            tokens_per_seq = valid.sum(dim=1).clamp(min=1).to(objective.dtype)
+            counts = valid.sum(dim=1) if tokens_per_sequence is None else tokens_per_sequence
+            tokens_per_seq = counts.clamp(min=1).to(objective.dtype)
             total = (objective.sum(dim=1) / tokens_per_seq).sum()  # per-sequence mean, Eq. 3
         else:
             total = objective.sum()
         loss = -total / self._normalizer(global_normalizer, logprobs.device).to(total.dtype)
         metrics = self._metrics(loss, ratio, log_ratio, adv, valid, kl_ref, rollout_weights, entropy)
+        metrics["num_log_ratio_clamped"] = (valid & (raw_log_ratio.detach().abs() > c)).sum()
         return loss, metrics
 
     @torch.no_grad()

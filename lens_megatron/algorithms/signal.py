@@ -78,10 +78,13 @@ def learning_signal(
 
 
 class StallGuard:
-    """Stop training on a non-finite loss, or after ``stall_steps`` consecutive steps without signal.
+    """Stop after ``stall_steps`` consecutive steps without gradient signal, or ``stall_steps``
+    consecutive non-finite steps (NaN/inf loss or gradient: the step updated no weight).
 
     ``update(step_has_signal, loss_finite)`` returns True when training should stop; ``reason``
-    then says why. ``stall_steps = 0`` disables the no-signal check (non-finite loss still stops).
+    then says why. A single non-finite step is skipped and counted, never fatal on its own
+    (fp16 loss-scale overflows are not non-finite steps: megatron's scaler skips those by
+    design). ``stall_steps = 0`` disables both checks.
     """
 
     def __init__(self, stall_steps: int) -> None:
@@ -90,26 +93,35 @@ class StallGuard:
         self.stall_steps = stall_steps
         self.steps_seen = 0
         self.steps_without_signal = 0
+        self.nonfinite_in_a_row = 0
         self.reason = ""
 
     def update(self, step_has_signal: bool, loss_finite: bool) -> bool:
         self.steps_seen += 1
-        if not loss_finite:
-            self.reason = f"loss was not finite (NaN/inf) at update {self.steps_seen}"
+        self.reason = ""
+        self.nonfinite_in_a_row = 0 if loss_finite else self.nonfinite_in_a_row + 1
+        if loss_finite:
+            self.steps_without_signal = 0 if step_has_signal else self.steps_without_signal + 1
+        if not self.stall_steps:
+            return False
+        if self.nonfinite_in_a_row >= self.stall_steps:
+            self.reason = (f"the loss or gradient was not finite (NaN/inf) in "
+                           f"{self.nonfinite_in_a_row} consecutive steps (up to step "
+                           f"{self.steps_seen}); those steps changed no weights")
             return True
-        self.steps_without_signal = 0 if step_has_signal else self.steps_without_signal + 1
-        if self.stall_steps and self.steps_without_signal >= self.stall_steps:
+        if self.steps_without_signal >= self.stall_steps:
             self.reason = (
                 f"no learning signal for {self.steps_without_signal} consecutive steps "
                 "(every advantage was zero: all groups positive, or negative without gradient)"
             )
             return True
-        self.reason = ""
         return False
 
     def state_dict(self) -> dict[str, int]:
-        return {"steps_seen": self.steps_seen, "steps_without_signal": self.steps_without_signal}
+        return {"steps_seen": self.steps_seen, "steps_without_signal": self.steps_without_signal,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.steps_seen = int(state["steps_seen"])
         self.steps_without_signal = int(state["steps_without_signal"])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))  # older checkpoints

@@ -28,7 +28,9 @@ import torch
 
 H100_BF16_DENSE_TFLOPS = 989.0
 STAGES = ("rollout", "reward", "old_logprobs", "lens_stage", "fwd_bwd", "optimizer",
-          "weight_sync", "step")
+          "weight_sync", "step",
+          # separate rollout ranks: the trainer waiting for a batch, the rollout side for weights
+          "wait_for_rollout", "rollout_wait_for_weights")
 
 
 def parse_args(argv):
@@ -92,14 +94,14 @@ class StepRecorder:
 
     def __init__(self, trainer) -> None:
         self.trainer, self.rows = trainer, []
-        original_rollout = trainer._rollout_and_score
+        original_next = trainer.rollouts.next
 
-        def rollout_spy(prompts, timings):
-            batch, rewards, counts = original_rollout(prompts, timings)
-            self.last_batch = batch
-            return batch, rewards, counts
+        def rollout_spy(step):
+            scored = original_next(step)
+            self.last_batch = scored.batch
+            return scored
 
-        trainer._rollout_and_score = rollout_spy
+        trainer.rollouts.next = rollout_spy
 
     def step(self) -> None:
         metrics = self.trainer.train_step()
@@ -110,6 +112,8 @@ class StepRecorder:
             "generated_tokens": int(b.response_lengths.sum()),
             "sequence_tokens": int((b.prompt_lengths + b.response_lengths).sum()),
             "flops": step_flops(self.trainer.cfg.model.arch, b.prompt_lengths, b.response_lengths),
+            # groups generated per trained group (DAPO dynamic sampling's extra generation)
+            "generation_ratio": metrics.get("dynamic_sampling/generation_ratio", 1.0),
         })
 
 
@@ -132,20 +136,22 @@ def summarize(rows: list[dict], world: int, peak_tflops: Optional[float]) -> dic
             entry["mfu"] = (entry["model_tflops_per_s"] / (peak_tflops * world)
                             if peak_tflops else None)
         out[stage] = entry
+    out["generation_ratio"] = {"median": med([r["generation_ratio"] for r in rows])}
     return out
 
 
-def run_one(cfg, steps: int, warmup: int, peak: Optional[float]) -> dict:
+def run_one(cfg, steps: int, warmup: int, peak: Optional[float], groups=None) -> dict:
     import torch.distributed as dist
 
     from ..trainer import LensTrainer
 
-    trainer = LensTrainer(cfg)
+    trainer = LensTrainer(cfg, groups)
     recorder = StepRecorder(trainer)
     try:
         for _ in range(warmup + steps):
             recorder.step()
     finally:
+        trainer.rollouts.stop(trainer.step)
         trainer.close()
     world = dist.get_world_size()
     stages = summarize(recorder.rows[warmup:], world, peak)
@@ -161,6 +167,8 @@ def print_table(result: dict) -> None:
           f"({result['sequences_per_step']} sequences/step)")
     print(f"{'stage':>14} {'seconds':>10} {'tokens/s':>12} {'tok/s/dev':>11} {'TFLOP/s':>9} {'MFU':>7}")
     for stage, e in result["stages"].items():
+        if stage == "generation_ratio":
+            continue
         mfu = e.get("mfu")
         print(f"{stage:>14} {e['median_s']:>10.4f} {e.get('tokens_per_s', float('nan')):>12.1f} "
               f"{e.get('tokens_per_s_per_device', float('nan')):>11.1f} "
@@ -168,6 +176,9 @@ def print_table(result: dict) -> None:
               f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%':>7}")
     share = result["lens_stage_share_of_step"]
     print(f"LENS stage share of step time: {100 * share:.3f}%")
+    ratio = result["stages"]["generation_ratio"]["median"]
+    if ratio != 1.0:
+        print(f"dynamic sampling: {ratio:.2f} groups generated per trained group")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -177,7 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = parse_args(argv)
     _quiet_third_party()
-    overrides = [*args.overrides, "exp_manager.resume=never", "trainer.progress_bar=false"]
+    overrides = [*args.overrides, "exp_manager.resume=never", "trainer.progress_bar=false",
+                 f"trainer.max_steps={args.steps + args.warmup}"]
     if args.fixed_length:
         overrides.append("rollout.ignore_eos=true")
     try:
@@ -185,11 +197,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"lens-bench: configuration error: {exc}", file=sys.stderr)
         return 2
-    initialize_from_config(cfg)
+    groups = initialize_from_config(cfg)
     m = cfg.model
     peak = args.peak_tflops if args.peak_tflops is not None else default_peak()
     estimators = ("grpo", "lens") if args.compare else (cfg.lens.estimator,)
-    results = [run_one(replace(cfg, lens={"estimator": e}), args.steps, args.warmup, peak)
+    if groups is not None and groups.roles.role == "rollout":  # separate rollout ranks
+        from ..rollout.rollout_rank import run_rollout_rank
+
+        for e in estimators:
+            run_rollout_rank(replace(cfg, lens={"estimator": e}), groups)
+        destroy_parallel()
+        return 0
+    results = [run_one(replace(cfg, lens={"estimator": e}), args.steps, args.warmup, peak, groups)
                for e in estimators]
     import torch.distributed as dist
 

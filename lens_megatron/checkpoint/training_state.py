@@ -72,7 +72,8 @@ def _barrier() -> None:
 
 def save_training_checkpoint(root: str, step: int, training, trainer_state: dict[str, Any],
                              keep: int = 2, arch=None, params_dtype: str = "fp32",
-                             optimizer_format: str = "dp_reshardable") -> str:
+                             optimizer_format: str = "dp_reshardable",
+                             objects: Optional[dict[str, Any]] = None) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
     ``optimizer_format`` (exp_manager.optimizer_checkpoint_format) applies to the distributed
@@ -80,6 +81,8 @@ def save_training_checkpoint(root: str, step: int, training, trainer_state: dict
 
     With ``arch`` the checkpoint also gets ``lens_checkpoint.json``, so it can be exported
     to HF (``tools/convert_megatron_to_hf.py``) or used as ``model.load`` directly.
+    ``objects``: extra picklable objects (``torch.save``d by rank 0 under their file names,
+    inside the same atomic rename; read back with ``load_checkpoint_object``).
     """
     from megatron.core import dist_checkpointing
 
@@ -107,6 +110,8 @@ def save_training_checkpoint(root: str, step: int, training, trainer_state: dict
             from .model_io import write_checkpoint_info
 
             write_checkpoint_info(tmp, arch, params_dtype, {"step": step, "kind": "training"})
+        for name, obj in (objects or {}).items():
+            torch.save(obj, os.path.join(tmp, name))
     _barrier()
     if _rank0():
         if os.path.exists(final):
@@ -158,6 +163,14 @@ def _saved_optimizer_meta(trainer_state: dict[str, Any], training) -> dict[str, 
             training, "dp_reshardable")
         meta = {"format": fmt, "layout": None, "adam_step": None, "main_param_prefix": None}
     return meta
+
+
+def load_checkpoint_object(path: str, name: str, default: Any = None) -> Any:
+    """An object saved with ``save_training_checkpoint(objects=...)``, or ``default``."""
+    file = os.path.join(path, name)
+    if not os.path.exists(file):
+        return default
+    return torch.load(file, weights_only=False)
 
 
 def load_training_checkpoint(path: str, training, params_dtype: str = "fp32",

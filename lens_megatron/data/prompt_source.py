@@ -40,14 +40,20 @@ def _records(data_cfg) -> tuple[list[PromptRecord], list[PromptRecord]]:
 class PromptSource:
     """Tokenized prompt batches for the trainer (identical on every rank)."""
 
-    def __init__(self, data_cfg, tokenizer, batch_size: int, max_prompt_length: int) -> None:
+    def __init__(self, data_cfg, tokenizer, batch_size: int, max_prompt_length: int,
+                 one_at_a_time: bool = False) -> None:
+        """``one_at_a_time``: draw prompts singly (``take(n)`` for any n — DAPO dynamic
+        sampling refills), instead of in batches of ``batch_size``."""
         self.tokenizer = tokenizer
+        self.batch_size = batch_size
         self.max_prompt_length = max_prompt_length
         self.train_records, self.eval_records = _records(data_cfg)
         template = ARITHMETIC_TEMPLATE if data_cfg.task == "arithmetic" else data_cfg.prompt_template
         chat = getattr(tokenizer, "hf", None) if data_cfg.use_chat_template else None
         self.formatter = PromptFormatter(template, tokenizer=chat)
-        self.sampler = PromptSampler(self.train_records, batch_size, seed=data_cfg.shuffle_seed)
+        self.one_at_a_time = one_at_a_time
+        self.sampler = PromptSampler(self.train_records, 1 if one_at_a_time else batch_size,
+                                     seed=data_cfg.shuffle_seed)
         self.truncated_prompts = 0
 
     def tokenize(self, record: PromptRecord) -> TokenizedPrompt:
@@ -63,7 +69,15 @@ class PromptSource:
         return TokenizedPrompt(record, ids)
 
     def next_batch(self) -> list[TokenizedPrompt]:
+        if self.one_at_a_time:
+            return self.take(self.batch_size)
         return [self.tokenize(r) for r in next(self.sampler)]
+
+    def take(self, n: int) -> list[TokenizedPrompt]:
+        """The next ``n`` prompts (needs ``one_at_a_time``)."""
+        if not self.one_at_a_time:
+            raise RuntimeError("PromptSource.take needs one_at_a_time=True")
+        return [self.tokenize(next(self.sampler)[0]) for _ in range(n)]
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

@@ -1,15 +1,19 @@
 """Build the megatron-core ``GPTModel`` chunks of this rank (one per virtual PP stage)."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 
 from ..parallel import cpu_mode
+from ..parallel.device import model_device, module_device
 from .arch import ModelArch, ParallelLayout, Precision, rope_inv_freq, to_transformer_config
 from .init import initialize_deterministically
 from .layer_spec import LocalRMSNorm, layer_spec_for, resolve_transformer_impl
 from .sharding import iter_canonical_parameters, shard_spec
+
+logger = logging.getLogger(__name__)
 
 
 def block_spec(layer_spec, config, impl: str, vp_stage: Optional[int]):
@@ -48,9 +52,11 @@ def build_model_chunks(
     from megatron.core.models.gpt import GPTModel
 
     impl = resolve_transformer_impl(transformer_impl)
+    _warn_once_if_local_on_gpu(transformer_impl, impl)
     config = to_transformer_config(arch, layout, precision)
     spec = layer_spec_for(impl)
     vpp = layout.virtual_pipeline_model_parallel_size or 1
+    device = model_device()
     chunks = []
     with cpu_mode.cuda_to_cpu():
         for stage in range(vpp):
@@ -70,9 +76,8 @@ def build_model_chunks(
                 rotary_base=int(arch.rope_theta),
                 vp_stage=vp_stage,
             )
+            model.to(device)
             _set_rope_frequencies(model, arch)
-            if torch.cuda.is_available():
-                model.cuda(torch.cuda.current_device())
             chunks.append(model)
     initialize_deterministically(
         chunks, arch, seed,
@@ -81,6 +86,23 @@ def build_model_chunks(
     )
     mark_tensor_parallel_parameters(chunks, arch.tie_word_embeddings)
     return chunks
+
+
+_warned_local_on_gpu = False
+
+
+def _warn_once_if_local_on_gpu(requested: str, resolved: str) -> None:
+    """``transformer_impl: auto`` on a GPU without Transformer Engine runs the local spec
+    (SDPA attention, unfused norms and linears): correct, slower, and no FP8 — say so once.
+    The trainer records the resolved choice in config.yaml and in every metrics row."""
+    global _warned_local_on_gpu
+    if requested == "auto" and resolved == "local" and torch.cuda.is_available() \
+            and not _warned_local_on_gpu:
+        _warned_local_on_gpu = True
+        logger.warning("model.transformer_impl=auto: Transformer Engine is not installed, so "
+                       "this GPU run uses the local layer spec (torch SDPA attention, unfused "
+                       "layers, no FP8). `pip install -e .[gpu]` for TE layers, or set "
+                       "model.transformer_impl: local to silence this.")
 
 
 def mark_tensor_parallel_parameters(chunks, tied_output: bool) -> None:
@@ -99,8 +121,11 @@ def mark_tensor_parallel_parameters(chunks, tied_output: bool) -> None:
 
 
 def _set_rope_frequencies(model, arch: ModelArch) -> None:
-    """Use our RoPE frequencies (non-integer theta, full Llama-3 scaling parameters)."""
+    """Use our RoPE frequencies (non-integer theta, full Llama-3 scaling parameters).
+
+    ``inv_freq`` is a plain attribute of megatron's RotaryEmbedding (not a buffer, so
+    ``module.to`` does not move it): it goes to the model's device here."""
     rotary = getattr(model, "rotary_pos_emb", None)
     if rotary is None:
         return
-    rotary.inv_freq = rope_inv_freq(arch).to(rotary.inv_freq.device)
+    rotary.inv_freq = rope_inv_freq(arch).to(module_device(model))

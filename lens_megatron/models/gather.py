@@ -8,12 +8,12 @@ tensors on every rank (tests and small models only).
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from .sharding import full_from_shards, iter_canonical_parameters, shard_spec
+from .sharding import full_from_shards, iter_canonical_parameters, shard_of, shard_spec
 
 
 def _tp_group_and_size():
@@ -109,6 +109,21 @@ def iter_full_parameters_all_stages(
             yield name, tensor
 
 
+def full_parameter_manifest(chunks: list, tied_output: bool,
+                            dtype: Optional[torch.dtype] = None) -> list[tuple[str, tuple, torch.dtype]]:
+    """``(name, full shape, dtype)`` of every tensor ``iter_full_parameters_all_stages`` yields,
+    in its order, without gathering any (collective over the PP group)."""
+    from megatron.core import parallel_state
+
+    plan = list(_describe(chunks, tied_output, dtype))
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp_size == 1:
+        return plan
+    plans: list = [None] * pp_size
+    dist.all_gather_object(plans, plan, group=parallel_state.get_pipeline_model_parallel_group())
+    return [entry for stage_plan in plans for entry in stage_plan]
+
+
 def _describe(chunks, tied_output, dtype):
     """(name, full shape, dtype) of this stage's parameters, without gathering them."""
     from megatron.core import parallel_state
@@ -119,3 +134,40 @@ def _describe(chunks, tied_output, dtype):
         if spec.layout != "replicated":
             shape[spec.partition_dim] *= tp_size
         yield name, tuple(shape), dtype or param.dtype
+
+
+def load_full_parameters(chunks: list, named_full: Iterable[tuple[str, torch.Tensor]],
+                         tied_output: bool, arch) -> int:
+    """Copy full (unsharded, canonical-name) tensors into this rank's shards — the inverse of
+    ``iter_full_parameters`` at *this* model's TP, which may differ from the sender's. Vocab rows
+    follow this model's padding (rows past ``arch.vocab_size`` are padding either way: zeros).
+    Returns the number of parameters written; every parameter must be written exactly once."""
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    targets: dict[str, list] = {}
+    for local_name, name, param in iter_canonical_parameters(chunks, tied_output):
+        targets.setdefault(name, []).append(param)
+    written = set()
+    with torch.no_grad():
+        for name, full in named_full:
+            if name not in targets:
+                raise KeyError(f"received weight {name!r}, which this model does not have")
+            spec = shard_spec(name)
+            for param in targets[name]:
+                source = full
+                if name in _VOCAB_ROWS:
+                    rows = param.shape[0] * (tp_size if spec.layout != "replicated" else 1)
+                    source = full.new_zeros((rows, *full.shape[1:]))
+                    keep = min(rows, arch.vocab_size)
+                    source[:keep] = full[:keep]
+                param.copy_(shard_of(source, spec, tp_rank, tp_size))
+            written.add(name)
+    missing = sorted(set(targets) - written)
+    if missing:
+        raise KeyError(f"the weight stream had no tensor for {missing[:5]}")
+    return len(written)
+
+
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")

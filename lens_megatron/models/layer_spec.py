@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from .packed_attention import packed_causal_attention, plan_buckets, segment_layout
+
 TE_INSTALL_HINT = (
     "Transformer Engine is not installed. Install it on a CUDA machine with "
     "`pip install -e .[gpu]` (transformer-engine[pytorch]), or set model.fp8: null and "
@@ -25,50 +27,105 @@ class SDPACoreAttention(MegatronModule):
     """Core attention over ``torch.nn.functional.scaled_dot_product_attention``.
 
     Same constructor/forward contract as megatron's ``DotProductAttention``; inputs are
-    ``[s, b, heads, head_dim]`` (keys/values with ``num_query_groups`` heads) and the output
-    is ``[s_q, b, heads * head_dim]`` for this tensor-parallel rank. Causal masking is
-    bottom-right aligned, so a query block that continues a KV cache (decode) attends to
-    every cached key (SDPA's own ``is_causal`` aligns top-left, see DESIGN.md §7a).
-    ``attention_mask`` (optional, bool, True = masked out, broadcastable to
-    ``[b, 1, s_q, s_k]``) is combined with the causal mask (used for left-padded prompts).
+    ``[s, b, heads, head_dim]`` (keys/values with ``num_query_groups`` heads; grouped-query
+    attention runs without repeating K/V, ``enable_gqa``) and the output is
+    ``[s_q, b, heads * head_dim]`` for this tensor-parallel rank.
+
+    - ``s_q == s_k`` and no ``attention_mask``: SDPA's causal fast path (``is_causal=True``, no
+      mask tensor), so flash / memory-efficient kernels can be picked.
+    - otherwise causal masking is bottom-right aligned, so a query block that continues a KV
+      cache (decode) attends to every cached key (SDPA's own ``is_causal`` aligns top-left,
+      see DESIGN.md §7a); ``attention_mask`` (bool, True = masked out, broadcastable to
+      ``[b, 1, s_q, s_k]``, used for left-padded prompts) is combined with it.
+    - ``packed_seq_params`` with ``qkv_format="thd"``: megatron hands ``[T, heads, head_dim]``
+      (batch squeezed) for one packed row; attention is causal within each document of
+      ``cu_seqlens_q`` (offsets from ``cu_seqlens_q_padded`` when given), see
+      ``models/packed_attention.py``; the output is ``[T, heads * head_dim]``.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None, **kwargs):
         super().__init__(config=config)
+        # Context parallelism: all-gather K/V over the CP group (models/context_attention.py).
+        self.cp_attention = None
         if config.context_parallel_size != 1:
-            raise ValueError("context parallelism needs the Transformer Engine layer spec")
+            from .context_attention import ContextParallelSDPAttention
+
+            self.cp_attention = ContextParallelSDPAttention(
+                config, layer_number, attn_mask_type, attention_type,
+                attention_dropout=attention_dropout, softmax_scale=softmax_scale,
+                cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         tp_size = config.tensor_model_parallel_size
         self.heads = config.num_attention_heads // tp_size
         self.groups = config.num_query_groups // tp_size
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPA core attention: no packed sequences / attention bias")
+        if self.cp_attention is not None:
+            return self.cp_attention(query, key, value, attention_mask, attn_mask_type,
+                                     attention_bias, packed_seq_params)
+        if attention_bias is not None:
+            raise NotImplementedError("SDPA core attention: no attention bias")
+        dropout = self.dropout_p if self.training else 0.0
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params, dropout)
         sq, b = query.shape[0], query.shape[1]
         sk = key.shape[0]
         q = query.permute(1, 2, 0, 3)  # [b, h, sq, d]
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        if self.groups != self.heads:
-            repeat = self.heads // self.groups
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
-        mask = _causal_keep_mask(sq, sk, q.device)
-        if attention_mask is not None:
-            keep = ~attention_mask.to(torch.bool)
-            mask = keep if mask is None else (keep & mask)
-        dropout = self.dropout_p if self.training else 0.0
+        causal = sq == sk and attention_mask is None
+        mask = None
+        if not causal:
+            mask = _causal_keep_mask(sq, sk, q.device)
+            if attention_mask is not None:
+                keep = ~attention_mask.to(torch.bool)
+                mask = keep if mask is None else (keep & mask)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout,
-            is_causal=False, scale=self.softmax_scale,
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+            scale=self.softmax_scale, enable_gqa=self.groups != self.heads,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
+
+    def _packed(self, query, key, value, params, dropout):
+        if params.qkv_format != "thd":
+            raise NotImplementedError(
+                "SDPA core attention: packed sequences need qkv_format='thd', got "
+                f"{params.qkv_format!r}")
+        if query.dim() == 4:  # [T, 1, h, d] if a caller did not squeeze the batch
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        starts, lengths, buckets = _thd_layout(params, self.heads)
+        out = packed_causal_attention(query, key, value, starts, lengths, self.softmax_scale,
+                                      dropout, buckets=buckets)
+        return out.reshape(query.shape[0], self.heads * self.head_dim)
+
+
+def _thd_layout(params, heads: int):
+    """Documents (starts, lengths) and the bucket plan of a ``PackedSeqParams``, computed once
+    per packed micro-batch and kept on the params object (every layer sees the same one; the
+    cache holds the boundary tensors themselves and their versions, so a replaced or edited
+    tensor is noticed)."""
+    tensors = (params.cu_seqlens_q, params.cu_seqlens_q_padded, params.cu_seqlens_kv,
+               params.cu_seqlens_kv_padded)
+    versions = tuple(None if t is None else t._version for t in tensors)
+    cached = getattr(params, "_lens_sdpa_layout", None)
+    if cached is not None and cached[2] == (versions, heads) and \
+            all(a is b for a, b in zip(cached[0], tensors)):
+        return cached[1]
+    cu_q = params.cu_seqlens_q.tolist()
+    if params.cu_seqlens_kv is not None and params.cu_seqlens_kv.tolist() != cu_q:
+        raise NotImplementedError("SDPA core attention: packed self-attention needs "
+                                  "cu_seqlens_kv == cu_seqlens_q")
+    padded = None if params.cu_seqlens_q_padded is None else params.cu_seqlens_q_padded.tolist()
+    starts, lengths = segment_layout(cu_q, padded)
+    layout = (starts, lengths, plan_buckets(lengths, heads))
+    params._lens_sdpa_layout = (tensors, layout, (versions, heads))
+    return layout
 
 
 def _causal_keep_mask(sq: int, sk: int, device) -> Optional[torch.Tensor]:

@@ -21,6 +21,8 @@ The patches:
 4. The tensor-parallel RNG tracker: ``model_parallel_cuda_manual_seed`` needs CUDA RNG
    state. On CPU we install a tracker whose named states are CPU generator states, so
    ``get_cuda_rng_tracker().fork()`` works and stays deterministic.
+5. RoPE under context parallelism: megatron's per-CP-rank slicing pins memory; replaced by
+   the same slicing without it.
 """
 from __future__ import annotations
 
@@ -153,6 +155,18 @@ def _patch_rng_tracker() -> None:
     torch.cuda.manual_seed_all = lambda seed: None
 
 
+def _patch_rope_cp_slicing() -> None:
+    """megatron 0.16's ``get_pos_emb_on_this_cp_rank`` allocates its index with
+    ``pin_memory=True``, which raises without CUDA: the same rows, without pinned memory
+    (``parallel.context.rope_for_rank``). ``rotary_pos_embedding`` imported the name from
+    ``rope_utils``, so it is replaced there."""
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    from .context import rope_for_rank
+
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = rope_for_rank
+
+
 def enable() -> bool:
     """Enable CPU mode if (and only if) no GPU is present. Idempotent.
 
@@ -166,5 +180,6 @@ def enable() -> bool:
     _patch_torch_cuda()
     _patch_tensor_type()
     _patch_rng_tracker()
+    _patch_rope_cp_slicing()
     _ENABLED = True
     return True

@@ -84,13 +84,35 @@ def initialize_model_parallel(
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def initialize_from_config(cfg) -> None:
-    """The process group (if not up yet) and Megatron's groups for a ``LensTrainConfig``."""
-    init_process_group(cfg.trainer.backend, cfg.trainer.timeout_minutes)
+def initialize_from_config(cfg):
+    """The process groups for a ``LensTrainConfig``; returns the ``roles.RoleGroups`` of a
+    separate rollout placement (None when colocated).
+
+    Colocated: ``torch.distributed`` over the whole job (if not up yet) and megatron's groups
+    for the training layout. Separate: each role gets its own default group (``roles.py``);
+    megatron's training groups are built on the trainer ranks here, the rollout ranks build
+    theirs for the sampler (``rollout/rollout_rank.py``).
+    """
+    groups = None
+    if cfg.rollout.placement == "separate":
+        from .roles import TRAINER, init_role_groups
+
+        backend = cfg.trainer.backend if cfg.trainer.backend != "auto" else default_backend()
+        if torch.cuda.is_available():
+            local = detect_dist_env().local_rank
+            torch.cuda.set_device(local % torch.cuda.device_count())
+        else:
+            cpu_mode.enable()
+        groups = init_role_groups(cfg, detect_dist_env(), backend)
+        if groups.roles.role != TRAINER:
+            return groups
+    else:
+        init_process_group(cfg.trainer.backend, cfg.trainer.timeout_minutes)
     m = cfg.model
     initialize_model_parallel(m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
                               m.virtual_pipeline_model_parallel_size, m.context_parallel_size,
                               seed=cfg.trainer.seed, timeout_minutes=cfg.trainer.timeout_minutes)
+    return groups
 
 
 def destroy_parallel() -> None:

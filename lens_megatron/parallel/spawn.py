@@ -46,7 +46,8 @@ def _rank_entry(fn, args, rank, world_size, port, env, result_queue):
         import torch.distributed as dist
 
         torch.set_num_threads(max(1, int(env.get("LENS_THREADS_PER_RANK", "1"))))
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if env.get("LENS_SPAWN_INIT_GROUP", "1") == "1":
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
             out = fn(*args)
         finally:
@@ -73,7 +74,8 @@ def run_in_processes(
     """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the results in rank order.
 
     ``fn`` must be picklable (defined at module top level). ``env`` is added to each
-    rank's environment before torch is imported.
+    rank's environment before torch is imported. ``env={"LENS_SPAWN_INIT_GROUP": "0"}`` leaves
+    the process group to ``fn`` (the rendezvous variables are set, as a launcher would).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

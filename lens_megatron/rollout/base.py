@@ -140,3 +140,17 @@ class RolloutEngine(Protocol):
 
     def wake(self) -> None:
         """Re-acquire generation memory before the next rollout."""
+
+
+def take_groups(batch: RolloutBatch, groups: list[int]) -> RolloutBatch:
+    """The sequences of the given prompt groups (in that order), trimmed to their own width."""
+    g = batch.group_size
+    rows = torch.tensor([gi * g + j for gi in groups for j in range(g)], dtype=torch.long)
+    width = int((batch.prompt_lengths[rows] + batch.response_lengths[rows]).max()) if len(rows) else 0
+    texts = [batch.response_texts[i] for i in rows.tolist()] if batch.response_texts else []
+    return RolloutBatch(
+        input_ids=batch.input_ids[rows, :width], response_mask=batch.response_mask[rows, :width],
+        sampling_logprobs=batch.sampling_logprobs[rows, :width],
+        prompt_lengths=batch.prompt_lengths[rows], response_lengths=batch.response_lengths[rows],
+        finished=batch.finished[rows], group_size=g, pad_id=batch.pad_id, response_texts=texts,
+        timings=dict(batch.timings))

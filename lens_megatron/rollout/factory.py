@@ -4,13 +4,16 @@ from __future__ import annotations
 from .megatron_sampler import MegatronSampler
 
 
-def native_sampler(cfg, chunks: list, tokenizer) -> MegatronSampler:
-    """The native sampler over ``chunks`` with the config's model and rollout settings."""
+def native_sampler(cfg, chunks: list, tokenizer, tensor_parallel_size=None,
+                   sequence_parallel=None) -> MegatronSampler:
+    """The native sampler over ``chunks`` with the config's model and rollout settings (the
+    chunks' own TP / sequence parallelism when they differ from the trainer's: rollout ranks)."""
     m = cfg.model
     return MegatronSampler(
         chunks, m.arch, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
         dtype=m.precision_config().torch_dtype, kv_cache=cfg.rollout.kv_cache,
-        sequence_parallel=m.sequence_parallel, tp_size=m.tensor_model_parallel_size,
+        sequence_parallel=m.sequence_parallel if sequence_parallel is None else sequence_parallel,
+        tp_size=m.tensor_model_parallel_size if tensor_parallel_size is None else tensor_parallel_size,
         decode=tokenizer.decode)
 
 

@@ -30,14 +30,16 @@ class LeanDecoder:
         self.p = {name: param for _, name, param in
                   iter_canonical_parameters(chunks, arch.tie_word_embeddings)}
         self.lm_head = self.p.get("output_layer.weight", self.p["embedding.word_embeddings.weight"])
-        self.inv_freq = rope_inv_freq(arch)
+        # Every buffer (RoPE tables, KV cache, masks, positions) lives with the parameters.
+        self.device = self.lm_head.device
+        self.inv_freq = rope_inv_freq(arch).to(self.device)
 
     # ------------------------------------------------------------------ building blocks
     def _layer(self, i: int, name: str) -> torch.Tensor:
         return self.p[f"decoder.layers.{i}.{name}"]
 
     def _rope_tables(self, max_len: int, dtype) -> None:
-        positions = torch.arange(max_len, dtype=torch.float32)
+        positions = torch.arange(max_len, dtype=torch.float32, device=self.device)
         freqs = torch.outer(positions, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
@@ -91,21 +93,24 @@ class LeanDecoder:
     # ------------------------------------------------------------------ public
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int):
-        """``ids [b, L]`` left-padded prompts of ``lengths``; returns next-token logits."""
+        """``ids [b, L]`` left-padded prompts of ``lengths`` (both on the parameters' device);
+        returns next-token logits."""
         b, width = ids.shape
         a, dtype = self.arch, self.lm_head.dtype
         total = width + max_new_tokens
         self._rope_tables(total, dtype)
         shape = (b, a.num_query_groups, total, a.head_dim)
-        self.k_cache = [torch.empty(shape, dtype=dtype) for _ in range(a.num_layers)]
-        self.v_cache = [torch.empty(shape, dtype=dtype) for _ in range(a.num_layers)]
+        self.k_cache = [torch.empty(shape, dtype=dtype, device=self.device)
+                        for _ in range(a.num_layers)]
+        self.v_cache = [torch.empty(shape, dtype=dtype, device=self.device)
+                        for _ in range(a.num_layers)]
         self.length = 0
         self.pad = (width - lengths).unsqueeze(1)  # [b, 1]
-        slots = torch.arange(width).unsqueeze(0)
+        slots = torch.arange(width, device=self.device).unsqueeze(0)
         positions = (slots - self.pad).clamp(min=0)
         causal = slots.T >= slots  # [L(query), L(key)]
         keep = causal.unsqueeze(0) & (slots >= self.pad).unsqueeze(1)  # [b, L, L]
-        keep = keep | torch.eye(width, dtype=torch.bool)  # pad queries see themselves (unused)
+        keep = keep | torch.eye(width, dtype=torch.bool, device=self.device)  # pad queries: self
         self.next_position = lengths.clone()
         return self._forward(ids, positions, keep.unsqueeze(1))
 
@@ -113,7 +118,8 @@ class LeanDecoder:
     def step(self, tokens: torch.Tensor):
         """Append ``tokens [b]``; returns the logits for the token after them."""
         end = self.length + 1
-        keep = (torch.arange(end).unsqueeze(0) >= self.pad).view(tokens.shape[0], 1, 1, end)
+        keep = (torch.arange(end, device=self.device).unsqueeze(0) >= self.pad).view(
+            tokens.shape[0], 1, 1, end)
         positions = self.next_position.unsqueeze(1)
         self.next_position = self.next_position + 1
         return self._forward(tokens.view(-1, 1), positions, keep)

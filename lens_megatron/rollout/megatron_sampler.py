@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..algorithms.rollout_correction import sampling_distribution
 from ..parallel import cpu_mode
+from ..parallel.device import module_device
 from .base import RolloutBatch, SamplingConfig, assemble_batch
 from .lean_decoder import LeanDecoder
 from .pipeline_forward import forward_logits
@@ -45,6 +46,9 @@ class MegatronSampler:
         from megatron.core import parallel_state
 
         self.chunks = chunks
+        # Tokens, masks, log-prob buffers, the KV cache and the sampling noise live on the
+        # model's device; the prompt lists are moved once per bucket (parallel/device.py).
+        self.device = module_device(chunks)
         self.vocab_size, self.hidden_size = arch.vocab_size, arch.hidden_size
         self.eos_id, self.pad_id = eos_id, pad_id
         self.dtype = dtype
@@ -77,8 +81,8 @@ class MegatronSampler:
         try:
             for index in self._buckets(sequences):
                 bucket = [sequences[i] for i in index]
-                toks, lps = self._generate_bucket(
-                    bucket, torch.tensor(index) + sampling.row_offset, sampling)
+                row_ids = torch.tensor(index, device=self.device) + sampling.row_offset
+                toks, lps = self._generate_bucket(bucket, row_ids, sampling)
                 for j, i in enumerate(index):
                     responses[i], logprobs[i] = toks[j], lps[j]
         finally:
@@ -104,9 +108,10 @@ class MegatronSampler:
         batch = len(prompts)
         next_logits = (self._lean_logits if self.lean is not None else self._megatron_logits)(
             prompts, sampling.max_new_tokens)
-        done = torch.zeros(batch, dtype=torch.bool)
-        out_tokens = torch.full((batch, sampling.max_new_tokens), self.pad_id, dtype=torch.long)
-        out_logprobs = torch.zeros((batch, sampling.max_new_tokens))
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        out_tokens = torch.full((batch, sampling.max_new_tokens), self.pad_id, dtype=torch.long,
+                                device=self.device)
+        out_logprobs = torch.zeros((batch, sampling.max_new_tokens), device=self.device)
         new = None
         for step in range(sampling.max_new_tokens):
             logits = next_logits(step, new)
@@ -122,10 +127,10 @@ class MegatronSampler:
 
     def _lean_logits(self, prompts, max_new_tokens: int):
         """Left-padded batch on the lean decoder (TP = PP = 1)."""
-        lengths = torch.tensor([len(p) for p in prompts])
-        ids = torch.full((len(prompts), int(lengths.max())), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, ids.shape[1] - len(p):] = torch.tensor(p)
+        width = max(len(p) for p in prompts)
+        padded = [[self.pad_id] * (width - len(p)) + list(p) for p in prompts]
+        ids = torch.tensor(padded, dtype=torch.long, device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
 
         def next_logits(step: int, new):
             if step == 0:
@@ -137,13 +142,12 @@ class MegatronSampler:
     def _megatron_logits(self, prompts, max_new_tokens: int):
         """Right-padded batch through megatron's modules (any TP/PP/VPP layout)."""
         batch = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts])
-        width = int(lengths.max()) + max_new_tokens
-        tokens = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p)
+        width = max(len(p) for p in prompts) + max_new_tokens
+        padded = [list(p) + [self.pad_id] * (width - len(p)) for p in prompts]
+        tokens = torch.tensor(padded, dtype=torch.long, device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         context = self._new_context(batch, width) if self.kv_cache else None
-        rows = torch.arange(batch)
+        rows = torch.arange(batch, device=self.device)
 
         def next_logits(step: int, new):
             if step > 0:
@@ -188,19 +192,18 @@ class MegatronSampler:
                                     self.hidden_size, self.dtype)
         if logits is None:
             return None
-        rows = torch.arange(tokens.shape[0])
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
         return logits[rows, positions - 1, : self.vocab_size].float()
 
     def _sample_and_share(self, logits, sampling: SamplingConfig, row_ids, step: int):
         """Sample on the last stage's TP rank 0; broadcast over the model-parallel group."""
         from megatron.core import parallel_state as ps
 
-        packed = torch.zeros((2, len(row_ids)), dtype=torch.float64)
+        packed = torch.zeros((2, len(row_ids)), dtype=torch.float64, device=self.device)
         if logits is not None:
             logp = sampling_distribution(logits, sampling.temperature,
                                          max(sampling.top_k, 0), sampling.top_p)
-            noise = gumbel_noise(sampling.seed, row_ids, step, logp.shape[-1])
-            new = torch.argmax(logp + noise, dim=-1)  # Gumbel-max: a draw from exp(logp)
+            new = gumbel_max(logp, sampling.seed, row_ids, step)  # a draw from exp(logp)
             packed[0] = new.double()
             packed[1] = logp.gather(1, new.unsqueeze(1)).squeeze(1).double()
         group = ps.get_model_parallel_group()
@@ -223,18 +226,46 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed: int, row_ids: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Counter-based Gumbel noise ``[len(row_ids), vocab]``: a pure function of
-    (seed, sequence index, decode step, token id).
+def gumbel_noise(seed: int, row_ids: torch.Tensor, step: int, vocab: int,
+                 start: int = 0) -> torch.Tensor:
+    """Counter-based Gumbel noise ``[len(row_ids), vocab]`` for token ids ``start ..
+    start + vocab - 1``: a pure function of (seed, sequence index, decode step, token id),
+    computed on ``row_ids``' device.
 
     The draw for a sequence therefore does not depend on how the batch was bucketed,
     split over data-parallel ranks or laid out over TP/PP — a KV-cached run, a recomputing
     run and any parallel layout sample the same tokens from the same logits.
     """
-    key = _mix32(torch.tensor([int(seed) & _MASK32], dtype=torch.int64))
+    device = row_ids.device
+    key = _mix32(torch.tensor([int(seed) & _MASK32], dtype=torch.int64, device=device))
     key = _mix32(key ^ ((int(step) * 0x9E3779B1) & _MASK32))
     rows = _mix32(key ^ (row_ids.to(torch.int64).unsqueeze(1) * 0x27D4EB2F & _MASK32))
-    cols = torch.arange(vocab, dtype=torch.int64).unsqueeze(0)
+    cols = torch.arange(start, start + vocab, dtype=torch.int64, device=device).unsqueeze(0)
     bits = _mix32(_mix32(rows ^ cols) + 0x165667B1 & _MASK32)
     uniform = (bits.to(torch.float64) + 0.5) / 4294967296.0  # in (0, 1)
     return -torch.log(-torch.log(uniform)).to(torch.float32)
+
+
+# Vocabulary columns of noise made at once: bounds the int64 hash temporaries to
+# rows × GUMBEL_CHUNK × 8 bytes (8 MiB per 32 rows), whatever the vocabulary (150k for Qwen2.5).
+GUMBEL_CHUNK = 32768
+
+
+def gumbel_max(logp: torch.Tensor, seed: int, row_ids: torch.Tensor, step: int,
+               chunk: int = GUMBEL_CHUNK) -> torch.Tensor:
+    """``argmax(logp + gumbel_noise(...))`` per row (a draw from ``exp(logp)``), with the
+    noise made ``chunk`` vocabulary columns at a time on ``logp``'s device. Equal to the
+    one-shot argmax: ties keep the lowest token id, as ``torch.argmax`` does."""
+    best_value = best_token = None
+    for start in range(0, logp.shape[-1], chunk):
+        scores = logp[:, start:start + chunk] + gumbel_noise(
+            seed, row_ids, step, min(chunk, logp.shape[-1] - start), start)
+        value, token = scores.max(dim=-1)
+        token = token + start
+        if best_value is None:
+            best_value, best_token = value, token
+        else:
+            better = value > best_value  # strictly: an earlier (lower-id) chunk wins a tie
+            best_value = torch.where(better, value, best_value)
+            best_token = torch.where(better, token, best_token)
+    return best_token
