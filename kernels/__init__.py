@@ -12,7 +12,7 @@ Modules: ``logprob`` (entry point), ``autograd`` (the torch.autograd.Function),
 ``sequences`` (per-sequence sums: rows, packed segments, the one CP all-reduce),
 ``linear_logprob`` (fused LM-head variant that never materialises the full logits),
 ``triton_logprob`` (raw Triton kernels), ``cpu_ext`` + ``cpu_kernels.cpp`` (the compiled
-CPU kernels, built on first use; what ``backend="auto"`` runs on CPU), ``torch_logprob``
+CPU kernels, built on first use; opt-in: ``backend="cpu"`` or ``LENS_KERNELS_CPU_EXT=1``), ``torch_logprob``
 (chunked plain-torch twin, ``backend="torch"``),
 ``torch_stored`` (fp32 in-place CPU path that keeps exp(x − max) for a one-pass backward),
 ``tp`` (single-collective vocab-parallel merge), ``reference`` (float64 references),

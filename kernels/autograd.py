@@ -55,8 +55,8 @@ def _triton_module():
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` → Triton on GPU or when ``TRITON_INTERPRET=1`` built the kernels, else the
-    compiled CPU kernels when they build here, else torch."""
+    """``auto`` → Triton on GPU or when ``TRITON_INTERPRET=1`` built the kernels, else on CPU
+    the chunked torch path (the compiled CPU kernels with ``LENS_KERNELS_CPU_EXT=1``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpu" and device.type != "cpu":

@@ -17,9 +17,12 @@ which on a loaded 2-core machine took the cores from the small ops that follow â
 ten ``[4096]``-row stat merges took ~400 ms after an OpenMP region, ~6 ms with
 ``OMP_WAIT_POLICY=PASSIVE``).
 
-``backend="auto"`` on CPU uses this backend when it builds, else the torch path with a
-warning that says why (``LENS_KERNELS_CPU_EXT=0`` selects the torch path without trying).
-``backend="cpu"`` raises if it cannot be built.
+Opt-in: ``backend="cpu"`` selects it (and raises if it cannot be built); ``backend="auto"``
+on CPU uses it only with ``LENS_KERNELS_CPU_EXT=1`` in the environment (then warning, with the
+reason, and using the torch path if it cannot be built), else the chunked torch path. Not the
+default because every process pays the extension's load (about a second when cached, ~40 s of
+compilation on a fresh machine) and needs a compiler â€” a cost the many short-lived processes of
+tests and tools should not pay silently; the training loop is where it pays off.
 """
 from __future__ import annotations
 
@@ -75,13 +78,13 @@ def extension():
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """True when the extension builds here; warns once (with the reason) when it does not."""
-    if os.environ.get("LENS_KERNELS_CPU_EXT", "1") == "0":
+    if os.environ.get("LENS_KERNELS_CPU_EXT", "0") != "1":
         return False
     try:
         extension()
     except RuntimeError as err:
         warnings.warn(f"{err}; backend='auto' uses the slower chunked torch path on CPU. "
-                      "Install a C++ compiler and ninja, or set LENS_KERNELS_CPU_EXT=0 to "
+                      "Install a C++ compiler and ninja, or unset LENS_KERNELS_CPU_EXT to "
                       "select the torch path without this warning.", RuntimeWarning,
                       stacklevel=3)
         return False

@@ -307,13 +307,15 @@ def test_auto_backend_on_cpu_and_bad_input(gen, monkeypatch):
     from lens_kernels import cpu_ext
     from lens_kernels.autograd import resolve_backend
 
-    if not INTERPRETED:                  # the compiled CPU kernels must build where CI runs
-        assert resolve_backend("auto", torch.device("cpu")) == "cpu"
-    monkeypatch.setenv("LENS_KERNELS_CPU_EXT", "0")
+    monkeypatch.delenv("LENS_KERNELS_CPU_EXT", raising=False)
     cpu_ext.available.cache_clear()
     try:
-        if not INTERPRETED:
+        if not INTERPRETED:              # the default on CPU: the chunked torch path
             assert resolve_backend("auto", torch.device("cpu")) == "torch"
+        monkeypatch.setenv("LENS_KERNELS_CPU_EXT", "1")   # opt in: must build where CI runs
+        cpu_ext.available.cache_clear()
+        if not INTERPRETED:
+            assert resolve_backend("auto", torch.device("cpu")) == "cpu"
     finally:
         cpu_ext.available.cache_clear()
     logits, targets, mask = make_inputs(gen, 2, 3, 50)
