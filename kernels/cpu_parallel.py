@@ -7,13 +7,17 @@ at load average ~8, the same forward took 1.1-18 s with per-op OpenMP and 0.11-0
 two worker threads whose ops run single-threaded (each thread's OpenMP team size is a
 per-thread setting, so the caller's ``torch.get_num_threads()`` is unchanged). Torch ops
 release the GIL, so the workers run in parallel. Each chunk touches disjoint rows.
+
+Tasks are handed out dynamically (each worker takes the next chunk when it finishes one), so
+a worker that the shared machine deschedules for a while delays the call by at most its
+current chunk instead of its whole static share.
 """
 from __future__ import annotations
 
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -56,12 +60,28 @@ def num_workers(device: torch.device) -> int:
     return max(1, int(override) if override else torch.get_num_threads())
 
 
-def run_chunks(tasks: Sequence, work: Callable[[Sequence], None], device: torch.device) -> None:
-    """Call ``work(subset)`` for round-robin subsets of ``tasks`` on the worker threads.
+class _SharedTasks:
+    """An iterator over ``tasks`` that several worker threads draw from (next free task)."""
 
-    ``work`` receives its share of the task list and must only write rows its tasks own.
-    With one worker (or non-CPU tensors) it runs inline on the calling thread. Autograd
-    never records it (grad mode is thread-local, so it is switched off in the workers too).
+    def __init__(self, tasks: Sequence):
+        self._it = iter(tasks)
+        self._lock = threading.Lock()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self._lock:
+            return next(self._it)
+
+
+def run_chunks(tasks: Sequence, work: Callable[[Iterable], None], device: torch.device) -> None:
+    """Call ``work(tasks_iterable)`` once per worker thread, all drawing from ``tasks``.
+
+    ``work`` iterates its argument (each task is given to exactly one worker) and must only
+    write rows its tasks own. With one worker (or non-CPU tensors) it runs inline on the
+    calling thread. Autograd never records it (grad mode is thread-local, so it is switched
+    off in the workers too).
     """
     pool_size = num_workers(device)
     workers = min(pool_size, len(tasks))
@@ -70,6 +90,7 @@ def run_chunks(tasks: Sequence, work: Callable[[Sequence], None], device: torch.
             _without_grad(work, tasks)
         return
     pool = _get_pool(pool_size)
-    futures = [pool.submit(_without_grad, work, tasks[k::workers]) for k in range(workers)]
+    shared = _SharedTasks(tasks)
+    futures = [pool.submit(_without_grad, work, shared) for _ in range(workers)]
     for fut in futures:
         fut.result()

@@ -3,6 +3,8 @@
 * :func:`reference_logprobs` — the public result (token log-probs, per-sequence sum,
   count, confidence, entropy) from full-vocab logits, differentiable with float64
   autograd; the end-to-end reference for forward and backward.
+* :func:`reference_packed_logprobs` — the same for one packed row of several sequences
+  (``segment_ids``), per-sequence sums by an explicit loop over the sequences.
 * :func:`reference_row_stats` — the packed per-shard statistics ``(m, s, t, w)`` that
   ``row_stats_kernel`` / ``row_stats_torch`` produce.
 * :func:`reference_row_grad` — the gradient that ``row_grad_kernel`` / ``row_grad_torch``
@@ -51,6 +53,29 @@ def reference_logprobs(logits, targets, mask, temperature=1.0, valid_vocab=None)
     count = mask.bool().sum(-1)
     conf = torch.where(count > 0, torch.exp(total / count.clamp(min=1)), torch.zeros_like(total))
     return ReferenceOutput(token, total, count, conf, ent)
+
+
+def reference_packed_logprobs(logits, targets, mask, segment_ids, num_segments, temperature=1.0,
+                              valid_vocab=None):
+    """Float64 reference for packed rows: ``logits [T, V]``, ``targets/mask/segment_ids [T]``.
+
+    Per-token values as :func:`reference_logprobs`; sequence ``i`` sums the masked-in tokens
+    whose segment id is ``i`` (ids −1 belong to no sequence). Differentiable.
+    """
+    per_token = reference_logprobs(logits.reshape(1, *logits.shape[-2:]), targets.reshape(1, -1),
+                                   mask.reshape(1, -1), temperature, valid_vocab)
+    token = per_token.token_logprobs[0]
+    keep = mask.reshape(-1).bool()
+    seg = segment_ids.reshape(-1)
+    totals, counts = [], []
+    for i in range(num_segments):
+        mine = keep & (seg == i)
+        totals.append(token[mine].sum())
+        counts.append(int(mine.sum()))
+    total = torch.stack(totals) if totals else token.new_zeros(0)
+    count = torch.tensor(counts, dtype=torch.int64)
+    conf = torch.where(count > 0, torch.exp(total / count.clamp(min=1)), torch.zeros_like(total))
+    return ReferenceOutput(token, total, count, conf, per_token.entropy[0])
 
 
 def reference_row_stats(logits, targets, active, vocab_start, n_valid, temperature=1.0):

@@ -8,9 +8,13 @@ of one chunk stay in L2 (:data:`CHUNK_BYTES`); every elementwise step works in p
 per-worker chunk buffer, so the extra memory is O(chunk) and the logits are read from
 memory once per pass. bf16/fp16 logits are converted to fp32 one chunk at a time. Chunks
 whose rows are all masked are skipped (forward: neutral statistics, backward: zeros).
-Chunks are spread over worker threads (:mod:`lens_kernels.cpu_parallel`).
+Chunks are spread over worker threads (:mod:`lens_kernels.cpu_parallel`). Exponentials are
+``exp2`` of the difference scaled by ``log₂e`` (~1.4x faster than ``exp`` on the sandbox CPU,
+relative error ≤ ~4e-8·|x − shift|, largest where the value is smallest).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,6 +24,7 @@ CHUNK_BYTES = 2 << 20      # fp32 bytes per chunk (L2 is 2 MiB per core on the s
 _UNDERFLOW = 200.0         # exp(−200) == 0 in fp32: clamping there keeps (−inf)·0 out
 _FP32_LOWEST = torch.finfo(torch.float32).min
 SHIFT_SAMPLE = 512         # leading columns whose max (and the target's x) is the cheap shift
+LOG2E = 1.0 / math.log(2.0)
 
 
 def _row_views(*tensors: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -87,7 +92,7 @@ def _scaled_fp32(x, inv_temperature, buf):
 def _sum_exp(xs, shift_out, buf, s_out) -> None:
     """``s_out = Σ exp(xs − shift)`` per row, using ``buf`` (which may be ``xs``) as scratch."""
     shift = shift_out.clamp(min=_FP32_LOWEST).unsqueeze(1)   # all −inf row: x − shift = −inf
-    torch.sum(torch.sub(xs, shift, out=buf).exp_(), 1, out=s_out)
+    torch.sum(torch.sub(xs, shift, out=buf).mul_(LOG2E).exp2_(), 1, out=s_out)
 
 
 def _chunk_stats(x, inv_temperature, bufs, outs, target_x):
@@ -113,10 +118,10 @@ def _chunk_stats(x, inv_temperature, bufs, outs, target_x):
         _sum_exp(xs, m_out, bufs[0], s_out)
         return
     d = torch.sub(xs, m_out.clamp(min=_FP32_LOWEST).unsqueeze(1), out=bufs[0])   # x − m ≤ 0
-    d.clamp_(min=-_UNDERFLOW)                                 # finite; exp unchanged
-    e = torch.exp(d, out=bufs[1])
+    d.mul_(LOG2E).clamp_(min=-_UNDERFLOW * LOG2E)             # (x − m)·log₂e, finite
+    e = torch.exp2(d, out=bufs[1])
     torch.sum(e, 1, out=s_out)
-    torch.sum(d.mul_(e), 1, out=w_out)                        # Σ e·(x − m)
+    torch.sum(d.mul_(e), 1, out=w_out).mul_(1.0 / LOG2E)      # Σ e·(x − m)
 
 
 def row_stats_torch(logits, targets, active, vocab_start, n_valid, inv_temperature,
@@ -161,12 +166,12 @@ def _chunk_grad(x, out, lse, a, b, mean, inv_temperature, xs):
             torch.sub(x, lse_col, out=out)
         else:
             torch.add(-lse_col, x, alpha=inv_temperature, out=out)
-        return out.exp_().mul_((-a * inv_temperature).unsqueeze(1))
+        return out.mul_(LOG2E).exp2_().mul_((-a * inv_temperature).unsqueeze(1))
     xs.copy_(x)
     if inv_temperature != 1.0:
         xs.mul_(inv_temperature)
     torch.maximum(xs, (lse - _UNDERFLOW).unsqueeze(1), out=xs)   # p unchanged, no −inf
-    torch.sub(xs, lse_col, out=out).exp_()                        # p
+    torch.sub(xs, lse_col, out=out).mul_(LOG2E).exp2_()           # p
     c1 = (-b * inv_temperature).unsqueeze(1)
     c0 = (inv_temperature * (b * mean - a)).unsqueeze(1)
     xs.mul_(c1).add_(c0)

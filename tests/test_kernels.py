@@ -20,6 +20,8 @@ from lens_kernels.reference import reference_logprobs, reference_row_grad, refer
 from seeds import random_seed
 
 INTERPRETED = triton_logprob.is_interpreted()
+# the two CPU backends: the compiled kernels (what ``auto`` picks on CPU) and the torch twin
+CPU_BACKENDS = ("cpu", "torch")
 
 
 @pytest.fixture
@@ -59,13 +61,15 @@ def loss_weights(gen, bsz, seq, ref_confidence):
             torch.randn(bsz, seq, generator=gen).double()]
 
 
-def check_against_reference(gen, logits, targets, mask, atol, grad_atol, **opts):
-    """Forward and backward of the public API vs float64 autograd on the same values."""
+def check_against_reference(gen, logits, targets, mask, atol, grad_atol, leaf=None, **opts):
+    """Forward and backward of the public API vs float64 autograd on the same values.
+
+    ``leaf(logits)`` makes the input leaf (default: a contiguous clone)."""
     valid = opts.get("valid_vocab")
     temp = opts.get("temperature", 1.0)
     ref_in = logits.detach().double().requires_grad_(True)
     ref = reference_logprobs(ref_in, targets, mask, temp, valid)
-    x = logits.detach().clone().requires_grad_(True)
+    x = (leaf or (lambda t: t.detach().clone()))(logits).requires_grad_(True)
     out = logprobs_and_confidence(x, targets, mask, **opts)
     assert out.token_logprobs.dtype == torch.float32 and out.confidence.dtype == torch.float32
     torch.testing.assert_close(out.token_logprobs.double(), ref.token_logprobs, atol=atol, rtol=1e-5)
@@ -91,23 +95,28 @@ def check_against_reference(gen, logits, targets, mask, atol, grad_atol, **opts)
                                                   (torch.bfloat16, 2e-5, 8e-3),
                                                   (torch.float16, 2e-5, 1e-3)])
 @pytest.mark.parametrize("entropy", [False, True])
-def test_matches_float64_reference(gen, dtype, atol, grad_atol, entropy):
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matches_float64_reference(gen, dtype, atol, grad_atol, entropy, inplace, backend):
     # vocab 2500 is not a multiple of any block; columns ≥ 2437 are padding; wide enough
     # for the torch path's cheap shift (> 2 * SHIFT_SAMPLE columns)
     logits, targets, mask = make_inputs(gen, 4, 9, 2500, dtype, valid_vocab=2437)
     check_against_reference(gen, logits, targets, mask, atol, grad_atol, valid_vocab=2437,
-                            return_entropy=entropy)
+                            return_entropy=entropy, inplace_backward=inplace, backend=backend)
 
 
 @pytest.mark.parametrize("temperature", [0.6, 1.7])
-def test_temperature(gen, temperature):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_temperature(gen, temperature, backend):
     logits, targets, mask = make_inputs(gen, 3, 6, 700)
     check_against_reference(gen, logits, targets, mask, 2e-5, 1e-5, temperature=temperature,
-                            return_entropy=True)
+                            return_entropy=True, backend=backend)
 
 
-@pytest.mark.parametrize("shift_sample", [8, 4096])   # cheap shift + fallback / exact max
-def test_extreme_logits_and_neginf_column(gen, shift_sample, monkeypatch):
+@pytest.mark.parametrize("backend,shift_sample,inplace", [
+    ("torch", 8, False), ("torch", 4096, False), ("torch", 8, True), ("cpu", 0, False),
+    ("cpu", 0, True)])
+def test_extreme_logits_and_neginf_column(gen, backend, shift_sample, inplace, monkeypatch):
     monkeypatch.setattr(torch_logprob, "SHIFT_SAMPLE", shift_sample)
     logits, targets, mask = make_inputs(gen, 3, 8, 500, scale=1.0)
     big = torch.rand(logits.shape, generator=gen) < 0.05
@@ -118,16 +127,19 @@ def test_extreme_logits_and_neginf_column(gen, shift_sample, monkeypatch):
     targets[targets == 17] = 18
     # fp32 spacing at 1e4 is 2^-10 ≈ 1e-3: that bounds the error of x − lse and of p
     out, grad = check_against_reference(gen, logits, targets, mask, 4e-3, 1e-3,
-                                        return_entropy=True)
+                                        return_entropy=True, inplace_backward=inplace,
+                                        backend=backend)
     assert torch.isfinite(out.token_logprobs).all() and torch.isfinite(out.entropy).all()
     assert (grad[..., 17] == 0).all()
 
 
-def test_padded_columns_get_no_probability_and_no_gradient(gen):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_padded_columns_get_no_probability_and_no_gradient(gen, backend):
     logits, targets, mask = make_inputs(gen, 2, 5, 256, valid_vocab=200)
     logits[..., 200:] = 50.0                          # would dominate the softmax if counted
     x = logits.clone().requires_grad_(True)
-    out = logprobs_and_confidence(x, targets, mask, valid_vocab=200, return_entropy=True)
+    out = logprobs_and_confidence(x, targets, mask, valid_vocab=200, return_entropy=True,
+                                  backend=backend)
     ref = reference_logprobs(logits, targets, mask, valid_vocab=200)
     torch.testing.assert_close(out.token_logprobs.double(), ref.token_logprobs, atol=2e-5, rtol=0)
     (out.logprob_sum.sum() + out.entropy.sum()).backward()
@@ -135,27 +147,83 @@ def test_padded_columns_get_no_probability_and_no_gradient(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inplace_backward_equals_out_of_place(gen, dtype):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inplace_backward_equals_out_of_place(gen, dtype, backend):
     logits, targets, mask = make_inputs(gen, 3, 7, 600, dtype)
     grads = []
     for inplace in (False, True):
         leaf = logits.clone().requires_grad_(True)
         x = leaf * 1                                   # non-leaf, like an LM-head output
         out = logprobs_and_confidence(x, targets, mask, inplace_backward=inplace,
-                                      return_entropy=True)
+                                      return_entropy=True, backend=backend)
         (out.confidence.sum() + out.token_logprobs.sum() + out.entropy.sum()).backward()
         grads.append(leaf.grad)
         if inplace:                                    # the gradient really went into x's buffer
             assert torch.equal(x.detach(), leaf.grad)
-    assert torch.equal(grads[0], grads[1])
+    if dtype == torch.bfloat16:                        # the same recompute kernel both ways
+        assert torch.equal(grads[0], grads[1])
+    else:                                              # fp32: the stored-exp path
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
-def test_empty_sequences_and_fully_masked_rows(gen):
+@pytest.mark.parametrize("entropy_grad", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_stored_exp_path_matches_float64_reference(gen, entropy_grad, temperature, backend,
+                                                   monkeypatch):
+    """fp32 + inplace_backward: forward leaves exp(x − max) in the buffer, backward one pass."""
+    monkeypatch.setattr(torch_logprob, "CHUNK_BYTES", 3 * 4 * 2437)   # 3-row chunks, ragged tail
+    logits, targets, mask = make_inputs(gen, 4, 9, 2500, valid_vocab=2437)
+    logits[2, 3, 7] = float("-inf")
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1
+    out = logprobs_and_confidence(x, targets, mask, inplace_backward=True, valid_vocab=2437,
+                                  return_entropy=True, temperature=temperature, backend=backend)
+    # the buffer now holds exp(x/T − max) on valid columns of every chunk with an active row
+    rows = mask.reshape(-1)
+    scaled = logits.reshape(-1, 2500)[rows, :2437].double() / temperature
+    want = torch.exp(scaled - scaled.amax(1, keepdim=True))
+    torch.testing.assert_close(x.detach().reshape(-1, 2500)[rows, :2437].double(), want,
+                               atol=1e-6, rtol=1e-5)
+    ref_in = logits.double().requires_grad_(True)
+    ref = reference_logprobs(ref_in, targets, mask, temperature, 2437)
+    torch.testing.assert_close(out.token_logprobs.double(), ref.token_logprobs, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy.double(), ref.entropy, atol=2e-5, rtol=1e-5)
+    weights = loss_weights(gen, 4, 9, ref.confidence)
+    if not entropy_grad:
+        weights[3] = None                              # entropy as a detached metric (the actor)
+    for o, leaf_in in ((out, leaf), (ref, ref_in)):
+        loss = weighted_loss(o, weights, False)
+        if entropy_grad:
+            loss = loss + (o.entropy * weights[3]).sum()
+        loss.backward()
+    scale = ref_in.grad.abs().max().clamp(min=1.0)
+    torch.testing.assert_close(leaf.grad.double(), ref_in.grad, atol=1e-5 * scale, rtol=0)
+    assert (leaf.grad[..., 2437:] == 0).all() and (leaf.grad[~mask] == 0).all()
+
+
+def test_stored_exp_path_only_when_a_gradient_is_wanted(gen):
+    """Under no_grad (the actor's old-log-prob pass) the logits are read, never overwritten."""
+    logits, targets, mask = make_inputs(gen, 2, 4, 300)
+    x = logits.clone().requires_grad_(True)
+    with torch.no_grad():
+        logprobs_and_confidence(x, targets, mask, inplace_backward=True, return_entropy=True)
+    assert torch.equal(x.detach(), logits)
+    plain = logits.clone()
+    logprobs_and_confidence(plain, targets, mask, inplace_backward=True)   # no requires_grad
+    assert torch.equal(plain, logits)
+
+
+@pytest.mark.parametrize("backend,inplace", [("cpu", False), ("cpu", True), ("torch", False),
+                                             ("torch", True)])
+def test_empty_sequences_and_fully_masked_rows(gen, backend, inplace):
     logits, targets, mask = make_inputs(gen, 3, 5, 300)
     mask[2] = False
     logits[2] = float("-inf")                          # garbage in a fully masked sequence
+    logits[1, ~mask[1]] = float("nan")                 # and in masked positions of another
     x = logits.clone().requires_grad_(True)
-    out = logprobs_and_confidence(x, targets, mask, return_entropy=True)
+    out = logprobs_and_confidence(x * 1, targets, mask, return_entropy=True, backend=backend,
+                                  inplace_backward=inplace)
     assert out.num_tokens[0] == 0 and out.num_tokens[2] == 0
     assert out.confidence[0] == 0 and out.confidence[2] == 0
     assert (out.token_logprobs[2] == 0).all() and (out.entropy[2] == 0).all()
@@ -165,20 +233,29 @@ def test_empty_sequences_and_fully_masked_rows(gen):
     assert (x.grad[~mask] == 0).all() and x.grad[mask].abs().sum() > 0
 
 
-def test_non_contiguous_logits(gen):
-    logits_sbv, targets, mask = make_inputs(gen, 6, 3, 407)   # stored [S, B, V + 7]
-    logits = logits_sbv[..., :400].transpose(0, 1)             # Megatron's [S,B,V] → [B,S,V]
-    # the gradient buffer gets other strides than the (non-dense) logits
-    assert not logits.is_contiguous() and torch.empty_like(logits).stride() != logits.stride()
-    targets = targets.clamp(max=399)
-    check_against_reference(gen, logits, targets.t().contiguous(), mask.t().contiguous(),
-                            2e-5, 1e-5, return_entropy=True)
+def _sbv_leaf(logits_bsv):
+    """A leaf with Megatron's layout: [B, S, V] viewed from non-dense [S, B, V + 7] storage."""
+    bsz, seq, vocab = logits_bsv.shape
+    view = torch.empty(seq, bsz, vocab + 7)[..., :vocab].transpose(0, 1)
+    return view.copy_(logits_bsv.detach())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_logits(gen, inplace, backend):
+    logits, targets, mask = make_inputs(gen, 3, 6, 400)
+    x = _sbv_leaf(logits)
+    # the kernel sees the strided view; the gradient buffer gets other strides than the logits
+    assert not x.is_contiguous() and torch.empty_like(x).stride() != x.stride()
+    check_against_reference(gen, logits, targets, mask, 2e-5, 1e-5, leaf=_sbv_leaf,
+                            return_entropy=True, inplace_backward=inplace, backend=backend)
 
 
 def test_chunking_covers_every_row(gen, monkeypatch):
     monkeypatch.setattr(torch_logprob, "CHUNK_BYTES", 3 * 4 * 350)   # 3-row chunks, ragged tail
     logits, targets, mask = make_inputs(gen, 4, 5, 350)
-    check_against_reference(gen, logits, targets, mask, 2e-5, 1e-5, return_entropy=True)
+    check_against_reference(gen, logits, targets, mask, 2e-5, 1e-5, return_entropy=True,
+                            backend="torch")
 
 
 @pytest.mark.parametrize("entropy", [False, True])
@@ -226,11 +303,21 @@ def test_row_grad_torch_matches_reference(gen, entropy):
     torch.testing.assert_close(grad.double(), want, atol=1e-6, rtol=1e-5)
 
 
-def test_auto_backend_is_torch_on_cpu_and_rejects_bad_input(gen):
+def test_auto_backend_on_cpu_and_bad_input(gen, monkeypatch):
+    from lens_kernels import cpu_ext
     from lens_kernels.autograd import resolve_backend
 
-    if not INTERPRETED:
-        assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.delenv("LENS_KERNELS_CPU_EXT", raising=False)
+    cpu_ext.available.cache_clear()
+    try:
+        if not INTERPRETED:              # the default on CPU: the chunked torch path
+            assert resolve_backend("auto", torch.device("cpu")) == "torch"
+        monkeypatch.setenv("LENS_KERNELS_CPU_EXT", "1")   # opt in: must build where CI runs
+        cpu_ext.available.cache_clear()
+        if not INTERPRETED:
+            assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+    finally:
+        cpu_ext.available.cache_clear()
     logits, targets, mask = make_inputs(gen, 2, 3, 50)
     with pytest.raises(ValueError):
         logprobs_and_confidence(logits, targets, mask, backend="cuda")
@@ -315,11 +402,11 @@ if INTERPRETED:
             from lens_kernels.autograd import resolve_backend
 
             assert resolve_backend("auto", torch.device("cpu")) == "triton"
-            logits_sbv, targets, mask = make_inputs(gen, 4, 3, 307, valid_vocab=290)
-            logits = logits_sbv[..., :300].transpose(0, 1)          # strided [B, S, V] view
-            check_against_reference(gen, logits, targets.t().contiguous(), mask.t().contiguous(),
-                                    2e-5, 1e-5, valid_vocab=290, return_entropy=True,
-                                    temperature=1.3)
+            logits, targets, mask = make_inputs(gen, 3, 4, 300, valid_vocab=290)
+            for inplace in (False, True):                          # strided [B, S, V] view
+                check_against_reference(gen, logits, targets, mask, 2e-5, 1e-5, leaf=_sbv_leaf,
+                                        valid_vocab=290, return_entropy=True, temperature=1.3,
+                                        inplace_backward=inplace)
 
         def test_linear_variant_triton_equals_torch(self, gen):
             from lens_kernels import linear_logprobs_and_confidence
