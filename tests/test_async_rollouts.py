@@ -191,3 +191,56 @@ def test_a_killed_rollout_rank_fails_the_job_with_its_name(tmp_path):
     procs[1].wait()
     assert code not in (0, None) and time.time() - start < 60
     assert "rollout rank 0 (global rank 1)" in out, out[-3000:]
+
+
+SMALL_BUCKETS = 64 << 10  # bytes: the tiny model's weights in several buckets
+
+
+def failing_refit_worker(tmp_dir):
+    """A job whose rollout rank fails while applying the second weight version."""
+    from lens_megatron.parallel.initialize import initialize_from_config
+    from lens_megatron.rollout.rollout_rank import build_rollout_worker
+    from lens_megatron.trainer import LensTrainer
+
+    cfg = tiny_config(tmp_dir, "trainer.max_steps=3", "rollout.placement=separate",
+                      "rollout.num_ranks=1", "rollout.max_staleness=0",
+                      "trainer.timeout_minutes=1", devices=2)
+    groups = initialize_from_config(cfg)
+    if groups.roles.role == "rollout":
+        worker = build_rollout_worker(cfg, groups)
+        apply, applied = worker.generator.apply_weights, []
+
+        def breaking(stream):
+            if applied:
+                next(iter(stream))  # part of the version taken, then the refit breaks
+                raise ValueError("refit broke on purpose")
+            applied.append(1)
+            apply(stream)
+
+        worker.generator.apply_weights = breaking
+        worker.receiver.bucket_bytes = SMALL_BUCKETS  # many broadcasts per version
+        try:
+            worker.run()
+        except ValueError as exc:
+            return {"role": "rollout", "error": str(exc)}
+        return {"role": "rollout", "error": None}
+    trainer = LensTrainer(cfg, groups)
+    trainer.rollouts.broadcaster.bucket_bytes = SMALL_BUCKETS
+    try:
+        trainer.run()
+    except Exception as exc:  # noqa: BLE001 - what the trainer reports is under test
+        return {"role": "trainer", "error": f"{type(exc).__name__}: {exc}"}
+    return {"role": "trainer", "error": None}
+
+
+def test_a_rollout_rank_failing_in_a_refit_fails_the_job_with_its_name(tmp_path):
+    """The failure arrives while the trainer is inside the weight broadcast: the rollout rank
+    finishes that version's collectives, then reports; the trainer names it, no hang."""
+    start = time.time()
+    trainer, rollout = run_in_processes(failing_refit_worker, 2, (str(tmp_path),), env=NO_GROUP,
+                                        timeout=240)
+    assert time.time() - start < 200
+    assert rollout == {"role": "rollout", "error": "refit broke on purpose"}
+    assert trainer["role"] == "trainer" and trainer["error"] is not None
+    assert "rollout rank 0 (global rank 1)" in trainer["error"], trainer["error"]
+    assert "refit broke on purpose" in trainer["error"], trainer["error"]

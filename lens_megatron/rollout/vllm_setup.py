@@ -80,8 +80,9 @@ class DecodingEngine:
                                 for ids, mask in zip(batch.input_ids, rows)]
         return batch
 
-    def sync_weights(self) -> dict[str, float]:
-        return self.engine.sync_weights()
+    def sync_weights(self, named_tensors=None) -> dict[str, float]:
+        """The engine's refit: from ``named_tensors`` (HF names), else its weight source."""
+        return self.engine.sync_weights(named_tensors)
 
     def sleep(self) -> None:
         self.engine.sleep()

@@ -133,7 +133,17 @@ class WeightReceiver:
             _broadcast(self.group, payload)
             self.manifest = pickle.loads(payload.cpu().numpy().tobytes())
         stream = self._stream()
-        apply(stream)
+        try:
+            apply(stream)
+        except BaseException:
+            # Finish this version's broadcasts before failing: the trainer is inside them and
+            # would otherwise wait there instead of reading the failure we report next.
+            try:
+                for _ in stream:
+                    pass
+            except Exception:  # noqa: BLE001 - the group itself broke: report the first error
+                pass
+            raise
         for _ in stream:  # whatever the consumer did not take
             pass
         return WeightMessage(version, False)
