@@ -70,7 +70,9 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+# Llama's logits at TP=1, TP=2 and PP=2 are checked against HF's own in
+# test_conversion.py::test_megatron_logits_equal_hf_logits_at_tp1_tp2_pp2.
+@pytest.mark.parametrize("family", ["qwen2"])
 def test_logits_identical_across_layouts(family):
     reference = _single(run_in_processes(logits_worker, 1, (1, 1, None, family)))
     assert reference.shape == (4 * MICRO_BATCH, SEQ, 100)

@@ -184,50 +184,5 @@ def test_megatron_rope_restarts_per_document_under_thd():
     assert (r["trap"] - r["per_doc"]).abs().max() > 1e-2
 
 
-def pipeline_worker(tp, pp, sequence_parallel):
-    """Packed micro-batches through megatron's pipeline schedule: the per-sequence logits of
-    the whole batch, back at the original rows (last stage, TP rank 0; None elsewhere)."""
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from lens_megatron.batching import needed_lengths, pack_micro_batch, plan_packed
-    from lens_megatron.models.packed import packed_seq_params
-    from lens_megatron.parallel import cpu_mode
-
-    arch, chunks = setup_model(tp, pp, sequence_parallel=sequence_parallel)
-    ids, targets, mask, _ = _rows()
-    # a budget of 20 tokens: several micro-batches, one shape for the pipeline
-    plan = plan_packed(needed_lengths(mask), 1, 20, pad_multiple=max(tp, 1), same_shape=True)
-    layouts = [pack_micro_batch(ids, targets, mask, mb) for mb in plan.micro_batches(0)]
-    assert len(layouts) >= 2 and len({lay.input_ids.shape for lay in layouts}) == 1
-
-    def step(data_iterator, model):
-        mb = next(data_iterator)
-        out = model(mb.input_ids, mb.position_ids, None, packed_seq_params=packed_seq_params(mb))
-
-        def collect(logits):
-            full = _full_logits(logits, arch).detach()
-            return logits.sum() * 0.0, {"rows": mb.unpack(full, len(LENGTHS), ids.shape[1])}
-
-        return out, collect
-
-    with cpu_mode.cuda_to_cpu():
-        results = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter(layouts), model=chunks[0],
-            num_microbatches=len(layouts), seq_length=layouts[0].input_ids.shape[1],
-            micro_batch_size=1, forward_only=True)
-    if not parallel_state.is_pipeline_last_stage() or \
-            parallel_state.get_tensor_model_parallel_rank() != 0:
-        return None
-    return sum(r["rows"] for r in results)[:, :max(LENGTHS)]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,sp", [(1, 2, False), (2, 1, True)])
-def test_packed_micro_batches_through_the_schedule(tp, pp, sp):
-    """PP exchanges [T, 1, hidden] activations (T / TP under SP) between stages; THD works
-    through get_forward_backward_func when every stage gets the same packed_seq_params."""
-    padded = run_in_processes(packed_vs_padded_worker, 1, (1, False))[0]["padded"]
-    got = [r for r in run_in_processes(pipeline_worker, tp * pp, (tp, pp, sp)) if r is not None]
-    assert len(got) == 1
-    torch.testing.assert_close(got[0], padded, rtol=1e-5, atol=1e-5)
+# Packed micro-batches through megatron's schedule at PP=2 and TP=2 with SP (log-probs, loss,
+# gradients and weights equal to padded) are tested through the actor in test_actor_packing.py.

@@ -71,8 +71,7 @@ CASES = [
                  id="distributed-dp2-to-plain-tp2"),
     pytest.param("dp_reshardable", "fp32", (2, 1, 1), (1, 1, 2), False,
                  id="plain-tp2-to-distributed-dp2"),
-    pytest.param("fully_reshardable", "fp32", (1, 1, 2), (1, 2, 1), False,
-                 id="distributed-dp2-to-plain-pp2"),
+    # (DP=2 -> plain PP=2 without virtual stages is the same loader path as the VPP case below)
     pytest.param("fully_reshardable", "fp32", (1, 1, 2), (1, 2, 1, 2), False,
                  id="distributed-dp2-to-plain-pp2-vpp2"),
     pytest.param("fully_reshardable", "bf16", (1, 1, 2), (1, 1, 2), True,
