@@ -154,7 +154,9 @@ class LensActor:
             pad_multiple=self.pad_multiple,
             same_shape=_ps().get_pipeline_model_parallel_world_size() > 1,
             full_width=None if m.sequence_packing else tokens.input_ids.shape[1],
-            context_parallel_hint=True)
+            context_parallel_hint=True,
+            count_multiple=_ps().get_pipeline_model_parallel_world_size()
+            if m.sequence_packing and m.virtual_pipeline_model_parallel_size else 1)
 
     def _micro_batches(self, tokens: TokenBatch, token_extras: dict, sequence_extras: dict):
         """This rank's micro-batches on the model's device (the one host -> device move of

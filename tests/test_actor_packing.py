@@ -1,6 +1,7 @@
 """Packed sequences (model.sequence_packing) in the actor: the same token log-probs, entropy,
 loss and updated weights as padded micro-batches, at one process, TP=2 with sequence
-parallelism, PP=2 and DP=2 (fp32); and a trainer step packed end to end."""
+parallelism, PP=2, PP=2 with virtual stages and DP=2 (fp32); and a trainer step packed end to
+end."""
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,9 @@ def actor_worker(tmp_dir, layout, packed, devices):
     from lens_megatron.algorithms.loss import compute_global_normalizer
     from lens_megatron.trainer import LensTrainer
 
-    tp, pp, sp = layout
+    tp, pp, sp, *vpp = layout
     cfg = tiny_config(tmp_dir, f"model.tensor_model_parallel_size={tp}",
+                      *([f"model.virtual_pipeline_model_parallel_size={vpp[0]}"] if vpp else []),
                       f"model.pipeline_model_parallel_size={pp}",
                       f"model.sequence_parallel={str(sp).lower()}", "model.arch.num_layers=4",
                       f"model.sequence_packing={str(packed).lower()}",
@@ -76,7 +78,8 @@ def test_packed_equals_padded_at_every_layout(tmp_path):
     ref = run_in_processes(actor_worker, 1, (str(tmp_path / "padded"), (1, 1, False), False, 1))[0]
     assert ref["mode"] == "padded"
     cases = [("one process", (1, 1, False), 1), ("TP=2 SP", (2, 1, True), 2),
-             ("PP=2", (1, 2, False), 2), ("DP=2", (1, 1, False), 2)]
+             ("PP=2", (1, 2, False), 2), ("PP=2 VPP=2", (1, 2, False, 2), 2),
+             ("DP=2", (1, 1, False), 2)]
     for label, layout, devices in cases:
         got = [r for r in run_in_processes(
             actor_worker, devices, (str(tmp_path / label.replace(" ", "_")), layout, True, devices))

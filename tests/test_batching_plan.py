@@ -213,3 +213,15 @@ def test_padded_balance_beats_contiguous_slices_on_long_tailed_lengths():
                 assert max(costs) <= _contiguous_slices_cost(lengths, dp, mbs), (seed, dp, mbs)
                 if mbs == 2:  # small groups: tightly balanced
                     assert max(costs) / min(costs) < 1.02, (seed, dp, costs)
+
+
+def test_packed_count_multiple_for_the_interleaved_schedule():
+    lengths = [5, 9, 3, 7, 2, 8, 4, 6]
+    plain = plan_packed(lengths, 1, 64)
+    assert plain.num_micro_batches == 1
+    plan = plan_packed(lengths, 1, 64, count_multiple=2)
+    assert plan.num_micro_batches == 2  # rounded up to the PP size, every row still once
+    assert sorted(r for mb in plan.ranks[0] for r in mb.rows) == list(range(8))
+    assert plan_packed(lengths, 2, 16, count_multiple=2).num_micro_batches % 2 == 0
+    with pytest.raises(ValueError, match="count_multiple"):
+        plan_packed(lengths, 1, 64, count_multiple=0)

@@ -171,17 +171,19 @@ def _check_common(dp_size: int, pad_multiple: int) -> None:
 def plan_batches(lengths: Sequence[int], dp_size: int, *, micro_batch_size: Optional[int] = None,
                  max_tokens: Optional[int] = None, pad_multiple: int = 1,
                  same_shape: bool = False, full_width: Optional[int] = None,
-                 context_parallel_hint: bool = False) -> BatchPlan:
+                 context_parallel_hint: bool = False, count_multiple: int = 1) -> BatchPlan:
     """The plan of one call: exactly one of ``micro_batch_size`` (padded) or ``max_tokens``
     (packed). ``pad_multiple``: TP under sequence parallelism (later 2*CP*TP, 16 for FP8);
-    ``same_shape``: pipeline parallelism; ``full_width``: the batch width (padded only)."""
+    ``same_shape``: pipeline parallelism; ``full_width``: the batch width (padded only);
+    ``count_multiple`` (packed only): micro-batches per rank rounded up to a multiple of it —
+    megatron's interleaved (virtual-pipeline) schedule needs a multiple of the PP size."""
     if (micro_batch_size is None) == (max_tokens is None):
         raise ValueError("give exactly one of micro_batch_size (padded) or max_tokens (packed)")
     if micro_batch_size is not None:
         return plan_padded(lengths, dp_size, micro_batch_size, pad_multiple, same_shape,
                            full_width)
     return plan_packed(lengths, dp_size, max_tokens, pad_multiple, same_shape,
-                       context_parallel_hint)
+                       context_parallel_hint, count_multiple)
 
 
 # ---------------------------------------------------------------------------- padded
@@ -277,9 +279,12 @@ def _fill_empty(bins: list[list[list[int]]], fed: list[int]) -> None:
 
 
 def plan_packed(lengths: Sequence[int], dp_size: int, max_tokens: int, pad_multiple: int = 1,
-                same_shape: bool = False, context_parallel_hint: bool = False) -> BatchPlan:
+                same_shape: bool = False, context_parallel_hint: bool = False,
+                count_multiple: int = 1) -> BatchPlan:
     """Packed micro-batches under a token budget (see the module docstring)."""
     _check_common(dp_size, pad_multiple)
+    if count_multiple < 1:
+        raise ValueError(f"count_multiple must be >= 1, got {count_multiple}")
     budget = (int(max_tokens) // pad_multiple) * pad_multiple
     if budget < 1:
         raise ValueError(f"{BUDGET_KEY}={max_tokens} is below the alignment multiple "
@@ -289,8 +294,8 @@ def plan_packed(lengths: Sequence[int], dp_size: int, max_tokens: int, pad_multi
         if n > budget:
             raise SequenceTooLongError(row, n, budget, int(max_tokens), context_parallel_hint)
     rank_rows = balanced_partition(fed, dp_size)
-    count = max([1] + [len(first_fit_decreasing([fed[r] for r in rows], budget))
-                       for rows in rank_rows])
+    count = round_up(max([1] + [len(first_fit_decreasing([fed[r] for r in rows], budget))
+                                for rows in rank_rows]), count_multiple)
     bins = [_rank_bins(rows, count, fed, budget) for rows in rank_rows]
     _fill_empty(bins, fed)
     ranks = []
