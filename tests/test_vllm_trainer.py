@@ -58,11 +58,11 @@ def adapter_infer(trainer) -> dict:
     return {"prompts": prompts, "lengths": lengths, "out": out, "current": current, "mask": mask}
 
 
-def sync_worker(tmp_dir, tp, vllm_tp, devices, through_adapter=False):
+def sync_worker(tmp_dir, tp, vllm_tp, devices, through_adapter=False, extra=()):
     from lens_megatron.trainer import LensTrainer
 
     cfg = tiny_config(tmp_dir, *VLLM_TINY, f"model.tensor_model_parallel_size={tp}",
-                      f"rollout.vllm.tensor_parallel_size={vllm_tp}", devices=devices)
+                      f"rollout.vllm.tensor_parallel_size={vllm_tp}", *extra, devices=devices)
     init_for(cfg)
     trainer = LensTrainer(cfg)
     before_actor, before_engine = actor_logprobs(trainer), engine_logprobs(trainer)
@@ -135,3 +135,11 @@ def test_resumed_vllm_engine_serves_the_checkpoint_weights(tmp_path):
     got = run_in_processes(resume_worker, 1, (str(tmp_path), 2), timeout=600)[0]
     assert got["step"] == 1
     torch.testing.assert_close(got["engine"], got["actor"], rtol=0, atol=1e-4)
+
+
+def test_vllm_rollouts_trained_with_packed_sequences(tmp_path):
+    """model.sequence_packing with vLLM generating: the step trains on packed rows, the sync
+    still makes vLLM serve the updated weights."""
+    extra = ("model.sequence_packing=true", "model.max_tokens_per_microbatch=64")
+    _check(run_in_processes(sync_worker, 1, (str(tmp_path), 1, 1, 1, False, extra),
+                            timeout=600)[0])
