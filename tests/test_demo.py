@@ -2,7 +2,7 @@
 stopping rule, the report's verdicts on synthetic results, and the built-in task's mix.
 
 The learning claim itself (held-out pass@1 up by >= 0.05 over three seeds) takes minutes and
-is recorded with its command in BENCHMARKS.md §7, not asserted here."""
+is recorded with its command in BENCHMARKS.md §5, not asserted here."""
 import collections
 import json
 import math
