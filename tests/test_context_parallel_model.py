@@ -158,8 +158,9 @@ def _compare(got, reference, label):
                                    msg=lambda m: f"{label} {name}: {m}")
 
 
-LAYOUTS = [  # tp, cp, dp, sequence_parallel; CP=2 x TP=2 (with and without SP) equal to one
-    (1, 2, 1, False),  # process through the actor, weights included, in test_actor_context_parallel
+LAYOUTS = [  # tp, cp, dp, sequence_parallel (CP=2 x TP=2 with SP: through the actor, weights
+    (1, 2, 1, False),  # included, in test_actor_context_parallel)
+    (2, 2, 1, False),
     (1, 2, 2, False),
 ]
 
