@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lens_megatron.parallel.spawn import run_in_processes
-from test_actor_packing import WIDTH, ragged_tokens
+from test_actor_packing import WIDTH, logprobs_then_train_step
 from trainer_helpers import actor_weights, init_for, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,6 @@ pytestmark = pytest.mark.slow
 
 def cp_worker(tmp_dir, cp, tp, devices, sp=False):
     from lens_megatron.actor import LensActor
-    from lens_megatron.algorithms.loss import compute_global_normalizer
 
     cfg = tiny_config(tmp_dir, f"model.context_parallel_size={cp}",
                       f"model.tensor_model_parallel_size={tp}",
@@ -33,13 +32,8 @@ def cp_worker(tmp_dir, cp, tp, devices, sp=False):
                         if tp > 1 else []), devices=devices)
     init_for(cfg)
     actor = LensActor(cfg, total_optimizer_steps=1)
-    tokens = ragged_tokens(pad_multiple=actor.pad_multiple)
-    out = actor.compute_logprobs(tokens, entropy=True)
+    _, out, metrics = logprobs_then_train_step(actor)
     old = out["token_logprobs"]
-    advantages = torch.linspace(-1.0, 1.0, tokens.input_ids.shape[0])
-    normalizer = compute_global_normalizer([tokens.target_mask], "sequence")
-    metrics = actor.train_step(tokens, old + 0.01 * tokens.target_mask.to(old.device), advantages,
-                               normalizer)
     weights = actor_weights(actor)
     if torch.distributed.get_rank() != 0:
         return None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lens_megatron.parallel.spawn import run_in_processes
-from test_actor_packing import WIDTH, ragged_tokens
+from test_actor_packing import WIDTH, logprobs_then_train_step
 from trainer_helpers import actor_weights, init_for, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,6 @@ pytestmark = pytest.mark.slow
 
 def _one_step(tmp_dir, fused, tp, pp, sp, tied, packed, devices):
     from lens_megatron.actor import LensActor
-    from lens_megatron.algorithms.loss import compute_global_normalizer
 
     cfg = tiny_config(tmp_dir, f"model.fused_linear_logprobs={str(fused).lower()}",
                       f"model.tensor_model_parallel_size={tp}",
@@ -37,13 +36,8 @@ def _one_step(tmp_dir, fused, tp, pp, sp, tied, packed, devices):
     calls = []
     fused_kernel = lens_kernels.linear_logprobs_and_confidence
     lens_kernels.linear_logprobs_and_confidence = lambda *a, **k: calls.append(1) or fused_kernel(*a, **k)
-    tokens = ragged_tokens(pad_multiple=actor.pad_multiple)
-    out = actor.compute_logprobs(tokens, entropy=True)
+    _, out, metrics = logprobs_then_train_step(actor)
     old = out["token_logprobs"]
-    advantages = torch.linspace(-1.0, 1.0, tokens.input_ids.shape[0])
-    normalizer = compute_global_normalizer([tokens.target_mask], "sequence")
-    metrics = actor.train_step(tokens, old + 0.01 * tokens.target_mask.to(old.device), advantages,
-                               normalizer)
     weights = actor_weights(actor)
     lens_kernels.linear_logprobs_and_confidence = fused_kernel
     last_stage = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 or tp > 1

@@ -30,8 +30,22 @@ def ragged_tokens(n: int = 12, pad_multiple: int = 1):
     return TokenBatch.from_rollout(ids, response, pad_multiple)
 
 
-def actor_worker(tmp_dir, layout, packed, devices):
+def logprobs_then_train_step(actor):
+    """The ragged batch, one old-log-prob pass (with entropy), then one training step on it
+    with slightly off-policy old log-probs and advantages spread over [-1, 1]."""
     from lens_megatron.algorithms.loss import compute_global_normalizer
+
+    tokens = ragged_tokens(pad_multiple=actor.pad_multiple)
+    out = actor.compute_logprobs(tokens, entropy=True)
+    old = out["token_logprobs"]
+    advantages = torch.linspace(-1.0, 1.0, tokens.input_ids.shape[0])
+    normalizer = compute_global_normalizer([tokens.target_mask], "sequence")
+    metrics = actor.train_step(tokens, old + 0.01 * tokens.target_mask.to(old.device), advantages,
+                               normalizer)
+    return tokens, out, metrics
+
+
+def actor_worker(tmp_dir, layout, packed, devices):
     from lens_megatron.trainer import LensTrainer
 
     tp, pp, sp, *vpp = layout
@@ -47,13 +61,8 @@ def actor_worker(tmp_dir, layout, packed, devices):
     init_for(cfg)
     trainer = LensTrainer(cfg)
     actor = trainer.actor
-    tokens = ragged_tokens(pad_multiple=actor.pad_multiple)
-    out = actor.compute_logprobs(tokens, entropy=True)
+    tokens, out, metrics = logprobs_then_train_step(actor)
     old = out["token_logprobs"]
-    advantages = torch.linspace(-1.0, 1.0, tokens.input_ids.shape[0])
-    normalizer = compute_global_normalizer([tokens.target_mask], "sequence")
-    metrics = actor.train_step(tokens, old + 0.01 * tokens.target_mask.to(old.device), advantages,
-                               normalizer)
     weights = full_weights(trainer)
     plan = actor._plan(tokens)
     trainer.close()
