@@ -39,7 +39,6 @@ from .metric_reduction import reduce_metrics
 from .models.builder import build_model_chunks
 from .models.fused_head import hidden_states_out
 from .optimizer import TrainingModel, optimizer_step, setup_training, zero_grads
-from .parallel import cpu_mode
 from .parallel.device import module_device
 
 
@@ -188,7 +187,9 @@ class LensActor:
         iterators = [iter(batches) for _ in chunks]
         first = batches[0]
         fused = self.cfg.model.fused_linear_logprobs
-        with cpu_mode.cuda_to_cpu(), hidden_states_out(chunks) if fused else nullcontext():
+        # No cuda_to_cpu() mode here: its per-op dispatch is the hot path's overhead, and the
+        # one CUDA literal in the schedules is mapped by cpu_mode (patch 6).
+        with hidden_states_out(chunks) if fused else nullcontext():
             return get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=iterators if len(chunks) > 1 else iterators[0],

@@ -79,3 +79,24 @@ def test_rng_tracker_forks_on_cpu_generators():
 def test_enable_is_idempotent_and_reports_state():
     out = run_snippet("print(cpu_mode.enable(), cpu_mode.is_enabled())")
     assert out.strip() == "True True"
+
+
+def test_schedules_allocate_on_cpu_outside_the_mode_and_torch_is_untouched():
+    """Patch 6: the schedules' literal ``device="cuda"`` maps to CPU without the per-op mode
+    (the actor runs the schedule outside it); ``torch`` itself still refuses CUDA."""
+    run_snippet("""
+        import torch
+        from megatron.core.pipeline_parallel import schedules
+        t = schedules.torch.zeros([], dtype=torch.int, device="cuda")
+        assert t.device.type == "cpu" and t.dtype == torch.int
+        assert schedules.torch.float32 is torch.float32 and schedules.torch.no_grad is torch.no_grad
+        try:
+            torch.zeros(1, device="cuda")
+        except (RuntimeError, AssertionError, AttributeError):
+            pass
+        else:
+            raise SystemExit("patch 6 leaked into torch itself")
+        cpu_mode.enable()
+        assert isinstance(schedules.torch, cpu_mode._TorchWithCpuFactories)
+        assert not isinstance(schedules.torch._torch, cpu_mode._TorchWithCpuFactories)
+    """)

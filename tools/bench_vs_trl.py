@@ -299,9 +299,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--micro-batch", type=int, default=8, help="ours: model.micro_batch_size")
-    p.add_argument("--trl-micro-batch", type=int, default=0,
-                   help="TRL per_device_train_batch_size (0: whole batch, grad accumulation 1)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="sequences per training micro-batch, both sides (ours: "
+                        "model.micro_batch_size; TRL: per_device_train_batch_size, with gradient "
+                        "accumulation over the step's batch)")
+    p.add_argument("--trl-micro-batch", type=int, default=None,
+                   help="TRL's micro-batch when it should differ from --micro-batch (0: the "
+                        "whole batch); the default is the same workload on both sides")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both sides")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eos", choices=("ignore", "natural"), default="ignore",
@@ -320,6 +324,8 @@ def main(argv=None) -> int:
                         "(PREFIX.prof, PREFIX.txt) with the sampler's buckets per step")
     args = p.parse_args(argv)
 
+    if args.trl_micro_batch is None:
+        args.trl_micro_batch = args.micro_batch
     if not args.profile_ours and not os.path.exists(args.trl_python):
         print(f"no TRL python at {args.trl_python}; see docs/bench/vs_trl.md for the venv setup",
               file=sys.stderr)

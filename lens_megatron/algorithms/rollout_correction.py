@@ -137,7 +137,10 @@ def sampling_distribution(
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    logp = torch.log_softmax(scaled, dim=-1)
+    if not (0 < top_k < logp.shape[-1] or top_p < 1.0):
+        return logp  # nothing truncated (the decode hot path: no mask, no reduction)
     keep = torch.ones_like(logp, dtype=torch.bool)
     if 0 < top_k < logp.shape[-1]:
         kth = logp.topk(top_k, dim=-1).values[..., -1:]

@@ -23,6 +23,11 @@ The patches:
    ``get_cuda_rng_tracker().fork()`` works and stays deterministic.
 5. RoPE under context parallelism: megatron's per-CP-rank slicing pins memory; replaced by
    the same slicing without it.
+6. The forward-backward schedules allocate their token counter with a literal
+   ``device="cuda"`` once per call: ``schedules.torch`` becomes a view of ``torch`` whose
+   factory functions map CUDA devices to CPU, so the schedule (the training and log-prob hot
+   path) runs *outside* the ``cuda_to_cpu`` mode, whose per-op Python dispatch cost ~7% of a
+   forward-only pass at 4x the tiny model.
 """
 from __future__ import annotations
 
@@ -167,6 +172,35 @@ def _patch_rope_cp_slicing() -> None:
     rotary_pos_embedding.get_pos_emb_on_this_cp_rank = rope_for_rank
 
 
+class _TorchWithCpuFactories:
+    """``torch`` as one module sees it, with CUDA ``device=`` arguments of the factory
+    functions mapped to CPU; every other attribute is ``torch``'s own."""
+
+    def __init__(self, module) -> None:
+        self._torch = module
+        for func in _FACTORY_FUNCTIONS:
+            setattr(self, func.__name__, self._mapped(func))
+
+    @staticmethod
+    def _mapped(func):
+        @functools.wraps(func)
+        def call(*args, **kwargs):
+            if _ENABLED and "device" in kwargs:  # off (as on a GPU): torch's own call
+                kwargs["device"] = _map_device(kwargs["device"])
+            return func(*args, **kwargs)
+        return call
+
+    def __getattr__(self, name: str):
+        return getattr(self._torch, name)
+
+
+def _patch_schedule_allocations() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    if not isinstance(schedules.torch, _TorchWithCpuFactories):
+        schedules.torch = _TorchWithCpuFactories(torch)
+
+
 def enable() -> bool:
     """Enable CPU mode if (and only if) no GPU is present. Idempotent.
 
@@ -181,5 +215,6 @@ def enable() -> bool:
     _patch_tensor_type()
     _patch_rng_tracker()
     _patch_rope_cp_slicing()
+    _patch_schedule_allocations()
     _ENABLED = True
     return True

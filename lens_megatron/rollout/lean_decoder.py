@@ -44,16 +44,15 @@ class LeanDecoder:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [b, h, s, d]; positions [b, s] -> rotated x (megatron's non-interleaved form)."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _rope_for(self, positions: torch.Tensor):
+        """cos, sin ``[b, s, 1, 1, d]`` for ``positions [b, s]``: gathered once per forward,
+        shared by every layer (the fused QKV view is ``[b, s, groups, slots, d]``)."""
+        return self.cos[positions][:, :, None, None], self.sin[positions][:, :, None, None]
 
-    def _qkv(self, i: int, h: torch.Tensor):
-        """h [b, s, H] -> q [b, nq, s, d], k, v [b, nkv, s, d] from the fused QKV layout."""
+    def _qkv(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h [b, s, H] -> rotated q [b, nq, s, d], rotated k and v [b, nkv, s, d] from the
+        fused per-KV-group QKV layout; q and k are rotated together, in one pass over the
+        group's first ``per_group + 1`` slots (megatron's non-interleaved RoPE)."""
         a = self.arch
         d, groups = a.head_dim, a.num_query_groups
         per_group = a.num_attention_heads // groups
@@ -61,15 +60,17 @@ class LeanDecoder:
         qkv = F.linear(h, self._layer(i, "self_attention.linear_qkv.weight"), bias)
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, groups, per_group + 2, d)
-        q = qkv[:, :, :, :per_group].reshape(b, s, groups * per_group, d).transpose(1, 2)
-        k = qkv[:, :, :, per_group].transpose(1, 2)
+        qk = qkv[:, :, :, : per_group + 1]
+        half = d // 2
+        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        q = qk[:, :, :, :per_group].reshape(b, s, groups * per_group, d).transpose(1, 2)
+        k = qk[:, :, :, per_group].transpose(1, 2)
         v = qkv[:, :, :, per_group + 1].transpose(1, 2)
         return q, k, v
 
-    def _block(self, i: int, x: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor):
+    def _block(self, i: int, x: torch.Tensor, rope: tuple, keep: torch.Tensor):
         norm = F.rms_norm(x, (x.shape[-1],), self._layer(i, "input_layernorm.weight"), self.eps)
-        q, k, v = self._qkv(i, norm)
-        q, k = self._rope(q, positions), self._rope(k, positions)
+        q, k, v = self._qkv(i, norm, *rope)
         start, end = self.length, self.length + x.shape[1]
         self.k_cache[i][:, :, start:end], self.v_cache[i][:, :, start:end] = k, v
         attn = F.scaled_dot_product_attention(
@@ -83,8 +84,9 @@ class LeanDecoder:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor):
         x = F.embedding(ids, self.p["embedding.word_embeddings.weight"])
+        rope = self._rope_for(positions)
         for i in range(self.arch.num_layers):
-            x = self._block(i, x, positions, keep)
+            x = self._block(i, x, rope, keep)
         x = F.rms_norm(x[:, -1:], (x.shape[-1],), self.p["decoder.final_layernorm.weight"],
                        self.eps)
         self.length += ids.shape[1]

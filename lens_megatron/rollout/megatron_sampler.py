@@ -226,6 +226,15 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_int(x: int) -> int:
+    """``_mix32`` on one Python integer (the per-step key: no tensor ops on the hot path)."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _MASK32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
 def gumbel_noise(seed: int, row_ids: torch.Tensor, step: int, vocab: int,
                  start: int = 0) -> torch.Tensor:
     """Counter-based Gumbel noise ``[len(row_ids), vocab]`` for token ids ``start ..
@@ -237,13 +246,12 @@ def gumbel_noise(seed: int, row_ids: torch.Tensor, step: int, vocab: int,
     run and any parallel layout sample the same tokens from the same logits.
     """
     device = row_ids.device
-    key = _mix32(torch.tensor([int(seed) & _MASK32], dtype=torch.int64, device=device))
-    key = _mix32(key ^ ((int(step) * 0x9E3779B1) & _MASK32))
+    key = _mix32_int(_mix32_int(int(seed) & _MASK32) ^ ((int(step) * 0x9E3779B1) & _MASK32))
     rows = _mix32(key ^ (row_ids.to(torch.int64).unsqueeze(1) * 0x27D4EB2F & _MASK32))
     cols = torch.arange(start, start + vocab, dtype=torch.int64, device=device).unsqueeze(0)
     bits = _mix32(_mix32(rows ^ cols) + 0x165667B1 & _MASK32)
-    uniform = (bits.to(torch.float64) + 0.5) / 4294967296.0  # in (0, 1)
-    return -torch.log(-torch.log(uniform)).to(torch.float32)
+    uniform = bits.to(torch.float64).add_(0.5).mul_(2.0 ** -32)  # in (0, 1); exact scaling
+    return uniform.log_().neg_().log_().neg_().to(torch.float32)  # -log(-log(u))
 
 
 # Vocabulary columns of noise made at once: bounds the int64 hash temporaries to
