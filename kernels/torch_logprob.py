@@ -124,9 +124,12 @@ def _chunk_stats(x, inv_temperature, bufs, outs, target_x):
     torch.sum(d.mul_(e), 1, out=w_out).mul_(1.0 / LOG2E)      # Σ e·(x − m)
 
 
-def row_stats_torch(logits, targets, active, vocab_start, n_valid, inv_temperature,
-                    with_entropy):
-    """Packed per-row statistics ``[B*S, 4]`` fp32; same contract as ``launch_row_stats``."""
+def chunked_row_stats(logits, targets, active, vocab_start, n_valid, inv_temperature,
+                      n_buffers: int, chunk_fn):
+    """The driver both CPU row-statistics paths share: per-row accumulators ``m, s, t, w``
+    (fp32), the target logits read first (before any chunk overwrites the logits), then
+    ``chunk_fn(x, buffers, (m, s, w), target_x)`` on every chunk with an active row, in
+    parallel over the chunk tasks. Returns ``(m, s, t, w, is_active)``."""
     rows, dev = targets.numel(), logits.device
     m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=dev)
     s, t, w = (torch.zeros(rows, dtype=torch.float32, device=dev) for _ in range(3))
@@ -142,17 +145,34 @@ def row_stats_torch(logits, targets, active, vocab_start, n_valid, inv_temperatu
         target_x = torch.where(in_shard, t, torch.full_like(t, -float("inf")))
 
         def work(tasks):
-            buffers = _ChunkBuffers(logits, n_valid, 2 if with_entropy else 1)
+            buffers = _ChunkBuffers(logits, n_valid, n_buffers)
             for vi, r0, r1, _ in tasks:
                 rs = slice(offsets[vi] + r0, offsets[vi] + r1)
-                _chunk_stats(views[vi][r0:r1, :n_valid], inv_temperature, buffers.get(r1 - r0),
-                             (m[rs], s[rs], w[rs] if with_entropy else None), target_x[rs])
+                chunk_fn(views[vi][r0:r1, :n_valid], buffers.get(r1 - r0),
+                         (m[rs], s[rs], w[rs]), target_x[rs])
 
         tasks = [task for task in _chunk_tasks(views, n_valid, is_active.tolist()) if task[3]]
         run_chunks(tasks, work, dev)
+    return m, s, t, w, is_active
+
+
+def packed_row_stats(m, s, t, w, is_active) -> torch.Tensor:
+    """``[rows, 4]`` statistics, inactive rows neutral (``-inf, 0, 0, 0``)."""
     stats = torch.stack([m, s, t, w], dim=1)
-    neutral = torch.tensor([float("-inf"), 0.0, 0.0, 0.0], device=dev)
+    neutral = torch.tensor([float("-inf"), 0.0, 0.0, 0.0], device=stats.device)
     return torch.where(is_active.unsqueeze(1), stats, neutral)
+
+
+def row_stats_torch(logits, targets, active, vocab_start, n_valid, inv_temperature,
+                    with_entropy):
+    """Packed per-row statistics ``[B*S, 4]`` fp32; same contract as ``launch_row_stats``."""
+    def chunk(x, bufs, acc, target_x):
+        _chunk_stats(x, inv_temperature, bufs, (acc[0], acc[1], acc[2] if with_entropy else None),
+                     target_x)
+
+    m, s, t, w, is_active = chunked_row_stats(logits, targets, active, vocab_start, n_valid,
+                                              inv_temperature, 2 if with_entropy else 1, chunk)
+    return packed_row_stats(m, s, t, w, is_active)
 
 
 def _chunk_grad(x, out, lse, a, b, mean, inv_temperature, xs):

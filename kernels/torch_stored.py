@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from .cpu_parallel import run_chunks
-from .torch_logprob import (LOG2E, _ChunkBuffers, _chunk_tasks, _row_views, _target_logits,
-                            _view_offsets)
+from .torch_logprob import (LOG2E, _ChunkBuffers, _chunk_tasks, _row_views, _view_offsets,
+                            chunked_row_stats, packed_row_stats)
 
 _FP32_LOWEST = torch.finfo(torch.float32).min
 _TINY = torch.finfo(torch.float32).tiny  # ln of a zero e is clamped here (its p·(…) is 0)
@@ -60,32 +60,13 @@ def row_stats_store_torch(logits, targets, active, vocab_start, n_valid, inv_tem
     holding ``exp(x − m)`` on the valid columns of every chunk with an active row."""
     if logits.dtype != torch.float32:
         raise TypeError(f"the stored-exp path needs fp32 logits, got {logits.dtype}")
-    rows, dev = targets.numel(), logits.device
-    m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=dev)
-    s, t, w = (torch.zeros(rows, dtype=torch.float32, device=dev) for _ in range(3))
-    is_active = active.bool()
-    (views,) = _row_views(logits)
-    offsets = _view_offsets(views)
-    if rows and n_valid:
-        local_target = targets - vocab_start
-        in_shard = is_active & (local_target >= 0) & (local_target < n_valid)
-        for view, off in zip(views, offsets):      # before the chunks overwrite the logits
-            sl = slice(off, off + view.shape[0])
-            t[sl] = _target_logits(view, local_target[sl], in_shard[sl], n_valid, inv_temperature)
 
-        def work(tasks):
-            buffers = _ChunkBuffers(logits, n_valid, 1)
-            for vi, r0, r1, _ in tasks:
-                rs = slice(offsets[vi] + r0, offsets[vi] + r1)
-                _store_chunk(views[vi][r0:r1, :n_valid], inv_temperature,
-                             buffers.get(r1 - r0)[0],
-                             (m[rs], s[rs], w[rs] if with_entropy else None))
+    def chunk(x, bufs, acc, target_x):
+        _store_chunk(x, inv_temperature, bufs[0], (acc[0], acc[1], acc[2] if with_entropy else None))
 
-        tasks = [task for task in _chunk_tasks(views, n_valid, is_active.tolist()) if task[3]]
-        run_chunks(tasks, work, dev)
-    stats = torch.stack([m, s, t, w * (1.0 / LOG2E)], dim=1)
-    neutral = torch.tensor([float("-inf"), 0.0, 0.0, 0.0], device=dev)
-    return torch.where(is_active.unsqueeze(1), stats, neutral)
+    m, s, t, w, is_active = chunked_row_stats(logits, targets, active, vocab_start, n_valid,
+                                              inv_temperature, 1, chunk)
+    return packed_row_stats(m, s, t, w * (1.0 / LOG2E), is_active)
 
 
 def stored_scale(shift: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

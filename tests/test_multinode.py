@@ -126,6 +126,23 @@ def kill_node_processes(cluster, node: str, job_id: int) -> list[int]:
     return pids
 
 
+def preempt_and_finish(cluster, run, job_id: int, signal_command: list[str], first_step_timeout):
+    """After the first step: ``signal_command``, the requeue, the resumed run to the end.
+    Returns (metrics before, step saved, final job info, log, metrics after)."""
+    wait_for_steps(cluster, run, job_id, 1, timeout=first_step_timeout)
+    cluster.run(signal_command)
+    wait_requeued(cluster, run, job_id, timeout=120)
+    first, saved = read_metrics(run), latest_step(run)
+    release(cluster, job_id)
+    info, log = finish(cluster, run, job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert f"training step exited with code {PREEMPTED_EXIT_CODE}" in log
+    assert first[-1]["step"] == saved < STEPS and f"at step {saved}" in log, (saved, log)
+    final = read_metrics(run)
+    check_resumed(first, final)
+    return first, saved, info, log, final
+
+
 # -- 2 nodes x 1 task, DP=2: generated and submitted by tools/launch_slurm.py; SIGUSR1 -----------
 def test_two_nodes_dp2_usr1_requeue_resumes_to_the_one_node_metrics(cluster, one_node, tmp_path):
     started = time.monotonic()
@@ -140,24 +157,15 @@ def test_two_nodes_dp2_usr1_requeue_resumes_to_the_one_node_metrics(cluster, one
     text = (run / "slurm" / "dp2.sbatch").read_text()
     assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=1" in text
 
-    wait_for_steps(cluster, run, job_id, 1, timeout=180)
-    cluster.run(["scancel", "--signal=USR1", "--batch", str(job_id)])
-    wait_requeued(cluster, run, job_id, timeout=120)
-    first, saved = read_metrics(run), latest_step(run)
-    release(cluster, job_id)
-    info, log = finish(cluster, run, job_id)
+    first, saved, info, log, final = preempt_and_finish(
+        cluster, run, job_id, ["scancel", "--signal=USR1", "--batch", str(job_id)], 180)
     print(f"2x1 job {job_id}: USR1 after step {saved}, {info['JobState']} after "
           f"{time.monotonic() - started:.1f}s")
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     assert f"job {job_id} restart 0 on node[1-2]; master node1:" in log
     for rank, node in ((0, "node1"), (1, "node2")):
         assert f"rank {rank}/2 on {node} via slurm (gloo), rendezvous node1:" in log, log
     assert "batch shell got SIGUSR1" in log and "requeueing job" in log
-    assert f"training step exited with code {PREEMPTED_EXIT_CODE}" in log
-    assert first[-1]["step"] == saved < STEPS, (saved, log)
-    assert f"at step {saved}" in log and f"job {job_id} restart 1 on node[1-2]" in log
-    final = read_metrics(run)
-    check_resumed(first, final)
+    assert f"job {job_id} restart 1 on node[1-2]" in log
     assert comparable(final) == comparable(one_node["dp2"])
 
 
@@ -167,22 +175,14 @@ def test_two_nodes_tp2_dp2_sigterm_requeue_resumes_to_the_one_node_metrics(clust
     started = time.monotonic()
     script, run = generate(tmp_path, "tp2dp2", "tp2dp2", nodes=2)
     job_id = cluster.sbatch(script)
-    wait_for_steps(cluster, run, job_id, 1, timeout=240)
-    cluster.run(["scontrol", "requeue", str(job_id)])  # SIGTERM to every process, then requeue
-    wait_requeued(cluster, run, job_id, timeout=120)
-    first, saved = read_metrics(run), latest_step(run)
-    release(cluster, job_id)
-    info, log = finish(cluster, run, job_id)
+    # scontrol requeue: SIGTERM to every process, then the requeue
+    first, saved, info, log, final = preempt_and_finish(
+        cluster, run, job_id, ["scontrol", "requeue", str(job_id)], 240)
     print(f"2x2 job {job_id}: SIGTERM after step {saved}, {info['JobState']} after "
           f"{time.monotonic() - started:.1f}s")
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     for rank, node in ((0, "node1"), (1, "node1"), (2, "node2"), (3, "node2")):
         assert f"rank {rank}/4 on {node} via slurm (gloo), rendezvous node1:" in log, log
     assert "batch shell got SIGTERM" in log and "requeueing" not in log
-    assert f"training step exited with code {PREEMPTED_EXIT_CODE}" in log
-    assert first[-1]["step"] == saved < STEPS and f"at step {saved}" in log, (saved, log)
-    final = read_metrics(run)
-    check_resumed(first, final)
     assert comparable(final) == comparable(one_node["tp2dp2"])
 
 
