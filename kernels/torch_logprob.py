@@ -125,11 +125,11 @@ def _chunk_stats(x, inv_temperature, bufs, outs, target_x):
 
 
 def chunked_row_stats(logits, targets, active, vocab_start, n_valid, inv_temperature,
-                      n_buffers: int, chunk_fn):
+                      with_entropy: bool, n_buffers: int, chunk_fn):
     """The driver both CPU row-statistics paths share: per-row accumulators ``m, s, t, w``
     (fp32), the target logits read first (before any chunk overwrites the logits), then
-    ``chunk_fn(x, buffers, (m, s, w), target_x)`` on every chunk with an active row, in
-    parallel over the chunk tasks. Returns ``(m, s, t, w, is_active)``."""
+    ``chunk_fn(x, buffers, (m, s, w or None without entropy), target_x)`` on every chunk with
+    an active row, in parallel over the chunk tasks. Returns ``(m, s, t, w, is_active)``."""
     rows, dev = targets.numel(), logits.device
     m = torch.full((rows,), float("-inf"), dtype=torch.float32, device=dev)
     s, t, w = (torch.zeros(rows, dtype=torch.float32, device=dev) for _ in range(3))
@@ -149,7 +149,7 @@ def chunked_row_stats(logits, targets, active, vocab_start, n_valid, inv_tempera
             for vi, r0, r1, _ in tasks:
                 rs = slice(offsets[vi] + r0, offsets[vi] + r1)
                 chunk_fn(views[vi][r0:r1, :n_valid], buffers.get(r1 - r0),
-                         (m[rs], s[rs], w[rs]), target_x[rs])
+                         (m[rs], s[rs], w[rs] if with_entropy else None), target_x[rs])
 
         tasks = [task for task in _chunk_tasks(views, n_valid, is_active.tolist()) if task[3]]
         run_chunks(tasks, work, dev)
@@ -166,12 +166,12 @@ def packed_row_stats(m, s, t, w, is_active) -> torch.Tensor:
 def row_stats_torch(logits, targets, active, vocab_start, n_valid, inv_temperature,
                     with_entropy):
     """Packed per-row statistics ``[B*S, 4]`` fp32; same contract as ``launch_row_stats``."""
-    def chunk(x, bufs, acc, target_x):
-        _chunk_stats(x, inv_temperature, bufs, (acc[0], acc[1], acc[2] if with_entropy else None),
-                     target_x)
+    def chunk(x, bufs, outs, target_x):
+        _chunk_stats(x, inv_temperature, bufs, outs, target_x)
 
     m, s, t, w, is_active = chunked_row_stats(logits, targets, active, vocab_start, n_valid,
-                                              inv_temperature, 2 if with_entropy else 1, chunk)
+                                              inv_temperature, with_entropy,
+                                              2 if with_entropy else 1, chunk)
     return packed_row_stats(m, s, t, w, is_active)
 
 

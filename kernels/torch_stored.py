@@ -61,11 +61,11 @@ def row_stats_store_torch(logits, targets, active, vocab_start, n_valid, inv_tem
     if logits.dtype != torch.float32:
         raise TypeError(f"the stored-exp path needs fp32 logits, got {logits.dtype}")
 
-    def chunk(x, bufs, acc, target_x):
-        _store_chunk(x, inv_temperature, bufs[0], (acc[0], acc[1], acc[2] if with_entropy else None))
+    def chunk(x, bufs, outs, target_x):
+        _store_chunk(x, inv_temperature, bufs[0], outs)
 
     m, s, t, w, is_active = chunked_row_stats(logits, targets, active, vocab_start, n_valid,
-                                              inv_temperature, 1, chunk)
+                                              inv_temperature, with_entropy, 1, chunk)
     return packed_row_stats(m, s, t, w * (1.0 / LOG2E), is_active)
 
 

@@ -134,26 +134,44 @@ def _sft_config(base, args):
                           "lr_decay_style": "constant", "min_lr": 0.0})
 
 
-def run(args) -> dict:
-    from .parallel.initialize import destroy_parallel, initialize_from_config
+def base_config(out: str, overrides: Sequence[str], rl_steps: Optional[int] = None):
+    """The demo's config: the tiny default writing under ``out``, never resuming."""
+    base = load_config(TINY_DEFAULT, [f"exp_manager.exp_dir={out}", "exp_manager.resume=never",
+                                      *overrides])
+    return replace(base, trainer={"max_steps": rl_steps}) if rl_steps is not None else base
+
+
+def rl_config(base, estimator: str, seed: int, name: str):
+    """One RL run's config from the demo's base."""
+    return replace(base, lens={"estimator": estimator},
+                   trainer={"seed": seed, "progress_bar": False}, exp_manager={"name": name})
+
+
+def warm_start_and_evaluate(base, args, log):
+    """The supervised warm start and its held-out evaluation, on an initialized job.
+    Returns (the warm start's record, the held-out records, their evaluation, the weights)."""
     from .trainer import LensTrainer
 
-    os.makedirs(args.out, exist_ok=True)
-    base = load_config(TINY_DEFAULT, [f"exp_manager.exp_dir={args.out}",
-                                      "exp_manager.resume=never", *args.overrides])
-    if args.rl_steps is not None:
-        base = replace(base, trainer={"max_steps": args.rl_steps})
-    initialize_from_config(base)
-    log = lambda text: print(text, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
     sft = LensTrainer(_sft_config(base, args))
-    log(f"[1/3] supervised warm start (constant lr {args.sft_lr}, until the training-probe "
-        f"accuracy reaches {args.sft_target}, at most {args.sft_max_steps} steps)")
     ws = warm_start(sft, args, log)
     eval_records = sft.prompts.eval_records[: args.eval_problems]
     start_eval = sft.evaluate(eval_records, args.eval_samples, seed=EVAL_SEED)
     weights = snapshot(sft.actor)
     sft.close()
+    return ws, eval_records, start_eval, weights
+
+
+def run(args) -> dict:
+    from .parallel.initialize import destroy_parallel, initialize_from_config
+
+    os.makedirs(args.out, exist_ok=True)
+    base = base_config(args.out, args.overrides, args.rl_steps)
+    initialize_from_config(base)
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    log(f"[1/3] supervised warm start (constant lr {args.sft_lr}, until the training-probe "
+        f"accuracy reaches {args.sft_target}, at most {args.sft_max_steps} steps)")
+    ws, eval_records, start_eval, weights = warm_start_and_evaluate(base, args, log)
     log(f"      {ws.steps} steps; held-out after warm start: {_pass_line(start_eval)}")
     results = {"warm_start": start_eval.flat("eval"),
                "warm_start_detail": {"steps": ws.steps, "probes": ws.probes,
@@ -180,9 +198,7 @@ def _rl_run(base, weights, estimator: str, seed: int, eval_records, args) -> dic
     from .trainer import LensTrainer
 
     name = f"{estimator}_seed{seed}"
-    cfg = replace(base, lens={"estimator": estimator},
-                  trainer={"seed": seed, "progress_bar": False}, exp_manager={"name": name})
-    trainer = LensTrainer(cfg)
+    trainer = LensTrainer(rl_config(base, estimator, seed, name))
     restore(trainer.actor, weights)
     trainer.run()
     final = trainer.evaluate(eval_records, args.eval_samples, seed=EVAL_SEED)

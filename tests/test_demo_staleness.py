@@ -29,3 +29,9 @@ def test_summary_means_spreads_lags_and_verdict():
     far = demo_staleness.summarize(start, runs[:2] + [_run(1, 0.20, [1.0]), _run(1, 0.21, [1.0])],
                                    [0, 1])
     assert not far["within_seed_spread_of_staleness0"]
+
+
+def test_one_seed_gives_no_verdict():
+    start = {"eval": {"eval/all/pass@1": 0.24}}
+    s = demo_staleness.summarize(start, [_run(0, 0.36, [0.0]), _run(1, 0.20, [1.0])], [0, 1])
+    assert s["within_seed_spread_of_staleness0"] is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -38,32 +39,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _base_config(out: str, overrides: list[str], rl_steps):
-    from lens_megatron.config import load_config, replace
-    from lens_megatron.demo import TINY_DEFAULT
-
-    base = load_config(TINY_DEFAULT, [f"exp_manager.exp_dir={out}", "exp_manager.resume=never",
-                                      *overrides])
-    return replace(base, trainer={"max_steps": rl_steps}) if rl_steps is not None else base
-
-
 def warm_start_worker(out: str, overrides: list[str], rl_steps) -> dict:
     """The demo's warm start and its held-out evaluation; the weights go to a file."""
     import torch
 
     from lens_megatron import demo
     from lens_megatron.parallel.initialize import initialize_from_config
-    from lens_megatron.trainer import LensTrainer
 
     args = demo.parse_args([])  # the demo's warm-start settings, unchanged
-    base = _base_config(out, overrides, rl_steps)
+    base = demo.base_config(out, overrides, rl_steps)
     initialize_from_config(base)
-    sft = LensTrainer(demo._sft_config(base, args))
-    state = demo.warm_start(sft, args, lambda text: print(text, flush=True))
-    records = sft.prompts.eval_records[: args.eval_problems]
-    start = sft.evaluate(records, args.eval_samples, seed=demo.EVAL_SEED)
-    torch.save(demo.snapshot(sft.actor), os.path.join(out, "warm_start.pt"))
-    sft.close()
+    state, _, start, weights = demo.warm_start_and_evaluate(
+        base, args, lambda text: print(text, flush=True))
+    torch.save(weights, os.path.join(out, "warm_start.pt"))
     return {"steps": state.steps, "reached_target": state.reached_target,
             **demo._evaluation(start)}
 
@@ -82,9 +70,9 @@ def rl_worker(out: str, overrides: list[str], rl_steps, estimator: str, seed: in
     from lens_megatron.trainer import LensTrainer
 
     name = f"{estimator}_seed{seed}_staleness{staleness}"
-    cfg = replace(_base_config(out, overrides, rl_steps),
-                  trainer={"devices": 2, "seed": seed, "progress_bar": False},
-                  lens={"estimator": estimator}, exp_manager={"name": name},
+    cfg = replace(demo.rl_config(demo.base_config(out, overrides, rl_steps), estimator, seed,
+                                 name),
+                  trainer={"devices": 2},
                   rollout={"placement": "separate", "num_ranks": 1,
                            "max_staleness": staleness})
     groups = initialize_from_config(cfg)
@@ -124,7 +112,8 @@ def summarize(start: dict, runs: list[dict], staleness: list[int]) -> dict:
     if 0 in stats and 1 in stats:
         diff = stats[1]["mean"] - stats[0]["mean"]
         out["staleness1_minus_0"] = diff
-        out["within_seed_spread_of_staleness0"] = abs(diff) <= stats[0]["seed_sd"]
+        sd = stats[0]["seed_sd"]  # nan with one seed: no spread to judge against
+        out["within_seed_spread_of_staleness0"] = None if math.isnan(sd) else abs(diff) <= sd
     return out
 
 
@@ -164,9 +153,10 @@ def main(argv=None) -> int:
         print(f"  staleness {k}    {s['mean']:.3f} ± {s['seed_sd']:.3f}  "
               f"({', '.join(f'{v:.3f}' for v in s['pass@1'])}; max lag {s['max_lag']:.0f})")
     if "staleness1_minus_0" in summary:
-        verdict = ("within" if summary["within_seed_spread_of_staleness0"] else "OUTSIDE")
-        print(f"  staleness 1 - 0: {summary['staleness1_minus_0']:+.3f}, {verdict} the seed "
-              "spread of staleness 0")
+        within = summary["within_seed_spread_of_staleness0"]
+        verdict = ("no seed spread to judge against (one seed)" if within is None else
+                   f"{'within' if within else 'OUTSIDE'} the seed spread of staleness 0")
+        print(f"  staleness 1 - 0: {summary['staleness1_minus_0']:+.3f}, {verdict}")
     print(f"wall time {summary['seconds']:.0f} s; {os.path.join(args.out, 'staleness_summary.json')}")
     return 0
 

@@ -139,13 +139,14 @@ def sampling_distribution(
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
     logp = torch.log_softmax(scaled, dim=-1)
-    if not (0 < top_k < logp.shape[-1] or top_p < 1.0):
+    by_k, by_p = 0 < top_k < logp.shape[-1], top_p < 1.0
+    if not (by_k or by_p):
         return logp  # nothing truncated (the decode hot path: no mask, no reduction)
     keep = torch.ones_like(logp, dtype=torch.bool)
-    if 0 < top_k < logp.shape[-1]:
+    if by_k:
         kth = logp.topk(top_k, dim=-1).values[..., -1:]
         keep &= logp >= kth
-    if top_p < 1.0:
+    if by_p:
         renorm = torch.log_softmax(logp.masked_fill(~keep, -float("inf")), dim=-1)
         sorted_logp, order = renorm.sort(dim=-1, descending=True)
         probs = sorted_logp.exp()

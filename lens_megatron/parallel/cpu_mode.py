@@ -14,8 +14,9 @@ The patches:
 2. ``cuda_to_cpu()``: a ``TorchFunctionMode`` that rewrites ``device="cuda"``/``"cuda:N"``/
    ``torch.device("cuda")``/integer devices to CPU in tensor factory calls and in
    ``Tensor.to``/``Tensor.cuda``. It is entered only around megatron calls that allocate
-   (model construction, ``get_forward_backward_func``, optimizer and DDP setup) — never on
-   the decode hot path, where a global mode costs ~1.3x (DESIGN.md §7a).
+   (model construction, optimizer and DDP setup, a KV-cache prefill) — never on a hot path
+   (the decode loop, the forward-backward schedule: patch 6), where a global mode costs
+   ~1.3x on a one-token forward (DESIGN.md §7a).
 3. ``Tensor.type()`` with no argument reports ``torch.cuda.*Tensor`` names for CPU tensors
    (Megatron's optimizer wrappers assert ``param.type() == 'torch.cuda.FloatTensor'``).
 4. The tensor-parallel RNG tracker: ``model_parallel_cuda_manual_seed`` needs CUDA RNG
@@ -65,14 +66,20 @@ def _map_device(device: Any) -> Any:
     return torch.device("cpu") if _is_cuda_device(device) else device
 
 
+def _map_device_kwarg(kwargs: dict) -> dict:
+    """``kwargs`` with a CUDA ``device=`` mapped to CPU (in place; returned)."""
+    if "device" in kwargs:
+        kwargs["device"] = _map_device(kwargs["device"])
+    return kwargs
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrite CUDA device arguments to CPU in factory calls and ``Tensor.to``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func in _FACTORY_FUNCTIONS or func in _TENSOR_TO:
-            if "device" in kwargs:
-                kwargs["device"] = _map_device(kwargs["device"])
+            _map_device_kwarg(kwargs)
             if func is torch.Tensor.cuda:
                 return args[0]
             if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
@@ -185,8 +192,8 @@ class _TorchWithCpuFactories:
     def _mapped(func):
         @functools.wraps(func)
         def call(*args, **kwargs):
-            if _ENABLED and "device" in kwargs:  # off (as on a GPU): torch's own call
-                kwargs["device"] = _map_device(kwargs["device"])
+            if _ENABLED:  # off (as on a GPU): torch's own call
+                _map_device_kwarg(kwargs)
             return func(*args, **kwargs)
         return call
 

@@ -217,20 +217,12 @@ class MegatronSampler:
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (murmur3 finaliser) on int64 tensors holding 32-bit values."""
+def _mix32(x):
+    """A 32-bit integer hash (murmur3 finaliser) on int64 tensors holding 32-bit values, or on
+    one Python int (the per-step key: no tensor ops for it on the hot path)."""
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _MASK32
     x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _mix32_int(x: int) -> int:
-    """``_mix32`` on one Python integer (the per-step key: no tensor ops on the hot path)."""
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _MASK32
-    x ^= x >> 13
     x = (x * 0xC2B2AE35) & _MASK32
     return x ^ (x >> 16)
 
@@ -246,7 +238,7 @@ def gumbel_noise(seed: int, row_ids: torch.Tensor, step: int, vocab: int,
     run and any parallel layout sample the same tokens from the same logits.
     """
     device = row_ids.device
-    key = _mix32_int(_mix32_int(int(seed) & _MASK32) ^ ((int(step) * 0x9E3779B1) & _MASK32))
+    key = _mix32(_mix32(int(seed) & _MASK32) ^ ((int(step) * 0x9E3779B1) & _MASK32))
     rows = _mix32(key ^ (row_ids.to(torch.int64).unsqueeze(1) * 0x27D4EB2F & _MASK32))
     cols = torch.arange(start, start + vocab, dtype=torch.int64, device=device).unsqueeze(0)
     bits = _mix32(_mix32(rows ^ cols) + 0x165667B1 & _MASK32)
