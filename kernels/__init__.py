@@ -18,8 +18,9 @@ CPU kernels, built on first use; opt-in: ``backend="cpu"`` or ``LENS_KERNELS_CPU
 ``tp`` (single-collective vocab-parallel merge), ``reference`` (float64 references),
 ``aot`` (ahead-of-time sm_90a compile helper).
 """
-from .linear_logprob import linear_logprobs_and_confidence
+from .linear_logprob import linear_logprobs_and_confidence, linear_logprobs_with_loss
 from .logprob import LogprobOutput, logprobs_and_confidence, sequence_reduction
 
-__all__ = ["LogprobOutput", "linear_logprobs_and_confidence", "logprobs_and_confidence",
+__all__ = ["LogprobOutput", "linear_logprobs_and_confidence", "linear_logprobs_with_loss",
+           "logprobs_and_confidence",
            "sequence_reduction"]

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .algorithms.loss import ClippedPolicyLoss
+from .algorithms.token_losses import nll_token_loss, policy_token_loss
 from .batching import PackedMicroBatch, build_micro_batches, needed_lengths, plan_batches
 from .config import LensTrainConfig
 from .metric_reduction import reduce_metrics
@@ -125,23 +126,30 @@ class LensActor:
     def cp_size(self) -> int:
         return _ps().get_context_parallel_world_size()
 
-    def _kernel(self, output, mb, model, entropy: bool):
+    def _kernel(self, output, mb, model, entropy: bool, token_loss=None):
         """Token log-probs (and entropy) of a micro-batch from the model's output: logits, or
         with ``model.fused_linear_logprobs`` the hidden states times the LM head, a few token
-        chunks at a time (``models/fused_head.py``)."""
-        from lens_kernels import linear_logprobs_and_confidence, logprobs_and_confidence
+        chunks at a time (``models/fused_head.py``). Returns ``(loss, outputs)``: with
+        ``token_loss`` (the loss as per-token terms, ``algorithms/token_losses.py``) and the
+        fused head, the loss is differentiated inside the chunks (three GEMMs, no logits
+        recomputed) and ``outputs`` are detached; otherwise ``loss`` is None."""
+        from lens_kernels import (linear_logprobs_and_confidence, linear_logprobs_with_loss,
+                                  logprobs_and_confidence)
 
         ps = _ps()
         group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
         options = dict(tp_group=group, temperature=self.temperature, return_entropy=entropy,
                        valid_vocab=self.arch.vocab_size)
-        if self.cfg.model.fused_linear_logprobs:
-            from .models.fused_head import head_weight
+        if not self.cfg.model.fused_linear_logprobs:
+            return None, logprobs_and_confidence(output, mb.targets, mb.mask,
+                                                 inplace_backward=True, **options)
+        from .models.fused_head import head_weight
 
-            return linear_logprobs_and_confidence(output, head_weight(model), mb.targets, mb.mask,
-                                                  **options)
-        return logprobs_and_confidence(output, mb.targets, mb.mask, inplace_backward=True,
-                                       **options)
+        if token_loss is None:
+            return None, linear_logprobs_and_confidence(output, head_weight(model), mb.targets,
+                                                        mb.mask, **options)
+        return linear_logprobs_with_loss(output, head_weight(model), mb.targets, mb.mask,
+                                         token_loss, **options)
 
     def _plan(self, tokens: TokenBatch):
         """Which rows this call's micro-batches hold, on every DP rank (host, deterministic)."""
@@ -214,7 +222,7 @@ class LensActor:
         chunks = self.reference_chunks if reference else self.chunks
 
         def collect(output, mb, model):
-            out = self._kernel(output, mb, model, entropy)
+            _, out = self._kernel(output, mb, model, entropy)
             kept = out.token_logprobs.detach()
             if entropy:
                 kept = torch.stack([kept, out.entropy.detach()], dim=-1)
@@ -272,7 +280,9 @@ class LensActor:
         batches = self._micro_batches(tokens, token_extras, sequence_extras)
 
         def policy_loss(output, mb, model):
-            out = self._kernel(output, mb, model, entropy=True)
+            token_loss = (policy_token_loss(self.loss_fn, mb, global_normalizer)
+                          if self.cfg.model.fused_linear_logprobs else None)
+            fused_loss, out = self._kernel(output, mb, model, entropy=True, token_loss=token_loss)
             rows, extras = (lambda x: self._rows(mb, x)), mb.token_extras
             loss, metrics = self.loss_fn(
                 rows(out.token_logprobs), rows(extras["old_logprobs"]),
@@ -283,6 +293,8 @@ class LensActor:
                 entropy=rows(out.entropy),
                 tokens_per_sequence=mb.sequence_extras.get("tokens_per_sequence"),
             )
+            if fused_loss is not None:  # the metrics' loss ran on detached log-probs
+                loss = fused_loss
             metrics = {k: v.detach().float() for k, v in metrics.items()}
             metrics["loss"] = loss.detach().float()
             if "num_sequences" in mb.sequence_extras:  # CP: counted once, from the whole rows
@@ -329,8 +341,10 @@ class LensActor:
         batches = self._micro_batches(tokens, {}, {})
 
         def nll(output, mb, model):
-            out = self._kernel(output, mb, model, entropy=False)
-            loss = -out.token_logprobs.sum() / total_tokens
+            loss, out = self._kernel(output, mb, model, entropy=False,
+                                     token_loss=nll_token_loss(total_tokens))
+            if loss is None:
+                loss = -out.token_logprobs.sum() / total_tokens
             return loss, torch.zeros((), dtype=torch.int), {"loss": loss.detach().float(),
                                                              "num_tokens": out.num_tokens.sum()}
 

@@ -251,3 +251,35 @@ def test_learning_signal_by_group_kind():
     assert not learning_signal(rewards, torch.zeros(10), 2).has_signal
     with pytest.raises(ValueError, match="not divisible"):
         learning_signal(rewards, adv, 3)
+
+
+@pytest.mark.parametrize("normalization", ["sequence", "token"])
+@pytest.mark.parametrize("kl", [None, "k1", "k3"])
+@pytest.mark.parametrize("cp_counts", [False, True])
+def test_per_token_form_equals_the_loss(normalization, kl, cp_counts):
+    """token_loss over chunks of flat tokens (what the fused LM head differentiates) sums to
+    the loss and gives its gradient: both normalisations, dual clip, KL k1/k3, rollout
+    weights, and tokens_per_sequence (context parallelism: counts of the whole sequences)."""
+    logp, old, adv, mask, ref, weights = _random_batch(seed=4)
+    logp = logp.clone()
+    logp[0, :2] = old[0, :2] + 1.0                        # clipped tokens (no gradient)
+    cfg = LossConfig(normalization=normalization, dual_clip_c=3.0,
+                     kl_coef=0.05 if kl else 0.0, kl_estimator=kl or "k3")
+    loss_fn = ClippedPolicyLoss(cfg)
+    counts = (mask.sum(1) + 2) if cp_counts else None    # as if 2 more tokens lived elsewhere
+    n = compute_global_normalizer([mask], normalization)
+    loss, grad, _ = _grad(loss_fn, logp, old, adv, mask, n, ref_logprobs=ref,
+                          rollout_weights=weights, tokens_per_sequence=counts)
+    b, s = mask.shape
+    sequence = torch.arange(b).repeat_interleave(s)
+    valid = mask.reshape(-1)
+    token_weights = loss_fn.token_weights(valid, sequence, b, n, counts)
+    token_loss = loss_fn.token_loss(old.reshape(-1), adv[sequence], valid, token_weights,
+                                    ref_logprobs=ref.reshape(-1),
+                                    rollout_weights=weights.reshape(-1))
+    flat = logp.reshape(-1).clone().requires_grad_(True)
+    rows = valid.nonzero().squeeze(1)
+    total = sum(token_loss(chunk, flat.index_select(0, chunk)) for chunk in rows.split(5))
+    total.backward()
+    torch.testing.assert_close(total.detach(), loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(flat.grad.view(b, s), grad, rtol=1e-12, atol=1e-12)

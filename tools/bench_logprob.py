@@ -18,8 +18,12 @@ w.r.t. the logits, forward + ``torch.autograd.grad``):
 * ``liger``        — Liger-Kernel's cross entropy, when installed and on GPU (Triton only)
 
 ``--linear`` variants (LM head included: hidden ``[N, H]`` × weight ``[V, H]``, gradients
-w.r.t. both): ``linear_logits`` — ``hidden @ weight.T`` then ``ours_inplace``; ``linear_fused``
-— ``lens_kernels.linear_logprobs_and_confidence`` (never the full logits).
+w.r.t. both, of the actor's clipped policy loss at an on-policy first step — ratio 1, every
+token with a gradient): ``linear_logits`` — ``hidden @ weight.T``, ``ours_inplace``, the loss;
+``linear_fused_loss`` — ``lens_kernels.linear_logprobs_with_loss``, what the actor trains with
+under ``model.fused_linear_logprobs`` (the loss differentiated inside the chunks, never the
+full logits); ``linear_fused`` — the autograd form ``linear_logprobs_and_confidence`` + the
+loss (backward recomputes the logits).
 
 Timing: CPU ``time.perf_counter`` (wall) and ``time.process_time`` (CPU seconds of all the
 process's threads — on an oversubscribed machine the wall time mostly measures the share of
@@ -53,7 +57,7 @@ import torch
 H100_HBM_BYTES_PER_S = 3.35e12   # nominal (SXM5 spec sheet), not measured
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOGPROB_VARIANTS = ("megatron", "ours_inplace", "ours", "naive", "liger")
-LINEAR_VARIANTS = ("linear_logits", "linear_fused")
+LINEAR_VARIANTS = ("linear_logits", "linear_fused_loss", "linear_fused")
 
 
 # ----------------------------------------------------------------------------- variants
@@ -82,23 +86,68 @@ def _liger(x, t, m):
     return (x,), -LigerCrossEntropyLoss(reduction="sum")(x.reshape(-1, x.shape[-1]), flat_t)
 
 
+POLICY = {}   # --linear: the actor's clipped policy loss and its per-token constants
+
+
+def set_policy_terms(hidden, weight, t, m) -> None:
+    """The first, on-policy step of GRPO: old log-probs = the current ones (ratio 1, so every
+    token has a gradient: no chunk can be skipped), advantage +1, token normalisation."""
+    from lens_kernels import linear_logprobs_and_confidence
+    from lens_megatron.algorithms.loss import ClippedPolicyLoss, LossConfig
+
+    with torch.no_grad():
+        old = linear_logprobs_and_confidence(hidden, weight, t, m).token_logprobs
+    loss_fn = ClippedPolicyLoss(LossConfig(normalization="token"))
+    n = m.sum()
+    valid = m.reshape(-1)
+    weights = loss_fn.token_weights(valid, torch.zeros_like(t.reshape(-1)), 1, n)
+    adv = torch.ones(t.shape[0], device=t.device)
+    POLICY.update(loss_fn=loss_fn, old=old, adv=adv, n=n, token_loss=loss_fn.token_loss(
+        old.reshape(-1), adv.expand(valid.numel()), valid, weights))
+
+
+def _policy_loss(out, m):
+    p = POLICY
+    return p["loss_fn"](out.token_logprobs, p["old"], p["adv"], m, p["n"], entropy=out.entropy)
+
+
 def _linear_logits(inputs, t, m):
+    """The logits path as the actor trains: LM-head GEMM, our kernel in place, the loss."""
+    from lens_kernels import logprobs_and_confidence
+
     hidden, weight = inputs
-    _, loss = _ours(hidden @ weight.t(), t, m, inplace=True)
+    out = logprobs_and_confidence(hidden @ weight.t(), t, m, return_entropy=True,
+                                  inplace_backward=True)
+    loss, _ = _policy_loss(out, m)
+    return (hidden, weight), loss
+
+
+def _linear_fused_loss(inputs, t, m):
+    """``model.fused_linear_logprobs`` as the actor trains: the loss differentiated inside
+    the chunks (three GEMMs), then the loss's metrics on the detached log-probs."""
+    from lens_kernels import linear_logprobs_with_loss
+
+    hidden, weight = inputs
+    loss, out = linear_logprobs_with_loss(hidden, weight, t, m, POLICY["token_loss"],
+                                          return_entropy=True)
+    _policy_loss(out, m)
     return (hidden, weight), loss
 
 
 def _linear_fused(inputs, t, m):
+    """The autograd form (forward, then backward recomputing the logits: four GEMMs)."""
     from lens_kernels import linear_logprobs_and_confidence
 
     hidden, weight = inputs
     out = linear_logprobs_and_confidence(hidden, weight, t, m, return_entropy=True)
-    return (hidden, weight), out.logprob_sum.sum()
+    loss, _ = _policy_loss(out, m)
+    return (hidden, weight), loss
 
 
 STEPS = {"naive": _naive, "megatron": _megatron, "ours": _ours, "liger": _liger,
          "ours_inplace": lambda x, t, m: _ours(x, t, m, inplace=True),
-         "linear_logits": _linear_logits, "linear_fused": _linear_fused}
+         "linear_logits": _linear_logits, "linear_fused_loss": _linear_fused_loss,
+         "linear_fused": _linear_fused}
 
 
 def available_variants(device: str, wanted) -> list[str]:
@@ -227,6 +276,8 @@ def run_single(args) -> dict:
     if args.variant == "megatron":
         setup_megatron(device)
     base, t, m = make_inputs(n, v, DTYPES[args.dtype], device, hidden=args.hidden)
+    if args.hidden:
+        set_policy_terms(*base, t, m)
     result = {"variant": args.variant, "dtype": args.dtype, "shape": [n, v],
               "hidden": args.hidden, "threads": torch.get_num_threads(),
               "loadavg_before": os.getloadavg()}
@@ -303,14 +354,16 @@ def _fmt(x, spec=".1f"):
 def print_table(res: dict) -> None:
     base = res["baseline"]
     print(f"\n{res['dtype']}   speedup = median over rounds of ({base} / variant)")
-    print(f"{'variant':14} {'fwd+bwd ms':>11} {'cpu ms':>8} {'fwd ms':>8} {'speedup':>8} "
-          f"{'cpu ratio':>9} {'per round':>30} {'peak extra':>11} {'(grads)':>8}")
+    print(f"{'variant':18} {'fwd+bwd ms':>11} {'cpu ms':>8} {'fwd ms':>8} {'speedup':>8} "
+          f"{'cpu ratio':>9} {'per round':>30} {'peak extra':>11} {'(grads)':>8} "
+          f"{'beyond grads':>12}")
     for name, e in res["variants"].items():
         rounds = " ".join(f"{x:.2f}" for x in e[f"speedup_vs_{base}_per_round"])
-        print(f"{name:14} {_fmt(e['fwd_bwd_ms']):>11} {_fmt(e['fwd_bwd_cpu_ms']):>8} "
+        print(f"{name:18} {_fmt(e['fwd_bwd_ms']):>11} {_fmt(e['fwd_bwd_cpu_ms']):>8} "
               f"{_fmt(e.get('fwd_ms')):>8} {e[f'speedup_vs_{base}']:7.2f}x "
               f"{e[f'cpu_ratio_vs_{base}']:8.2f}x {rounds:>30} {e['peak_extra_x_logits']:10.2f}x "
-              f"{e['grad_bytes_x_logits']:7.2f}x")
+              f"{e['grad_bytes_x_logits']:7.2f}x "
+              f"{e['peak_extra_x_logits'] - e['grad_bytes_x_logits']:11.2f}x")
 
 
 def bytes_model(n: int, v: int, itemsize: int) -> dict:

@@ -113,6 +113,17 @@ def _kl_penalty(log_ratio_ref: torch.Tensor, estimator: str) -> torch.Tensor:
     return torch.exp(log_ratio_ref) - log_ratio_ref - 1.0  # k3, >= 0
 
 
+@dataclass
+class TokenTerms:
+    """Per-token parts of the objective (see :meth:`ClippedPolicyLoss.token_objective`)."""
+
+    objective: torch.Tensor       # 0 where not valid
+    ratio: torch.Tensor
+    log_ratio: torch.Tensor       # clamped
+    raw_log_ratio: torch.Tensor
+    kl_ref: torch.Tensor | None
+
+
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, 0.0).sum() / count
 
@@ -171,6 +182,28 @@ class ClippedPolicyLoss:
             raise ValueError("ref_logprobs is required when LossConfig.kl_coef > 0")
         valid = mask.bool()
         adv = advantages.detach().to(logprobs.dtype).unsqueeze(1).expand_as(logprobs)
+        terms = self.token_objective(logprobs, old_logprobs, adv, valid, ref_logprobs,
+                                     rollout_weights)
+        objective, ratio, log_ratio, kl_ref = (terms.objective, terms.ratio, terms.log_ratio,
+                                               terms.kl_ref)
+        if cfg.normalization == "sequence":
+            counts = valid.sum(dim=1) if tokens_per_sequence is None else tokens_per_sequence
+            tokens_per_seq = counts.clamp(min=1).to(objective.dtype)
+            total = (objective.sum(dim=1) / tokens_per_seq).sum()  # per-sequence mean, Eq. 3
+        else:
+            total = objective.sum()
+        loss = -total / self._normalizer(global_normalizer, logprobs.device).to(total.dtype)
+        metrics = self._metrics(loss, ratio, log_ratio, adv, valid, kl_ref, rollout_weights, entropy)
+        metrics["num_log_ratio_clamped"] = (valid & (terms.raw_log_ratio.detach().abs()
+                                                      > cfg.log_ratio_clamp)).sum()
+        return loss, metrics
+
+    def token_objective(self, logprobs, old_logprobs, advantages, valid, ref_logprobs=None,
+                        rollout_weights=None) -> "TokenTerms":
+        """Per-token ``objective_t`` (0 where not ``valid``) and its parts, elementwise on
+        tensors of any one shape (``advantages`` already broadcast to the tokens)."""
+        cfg = self.cfg
+        adv = advantages.detach().to(logprobs.dtype)
         raw_log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), 0.0)
         c = float(cfg.log_ratio_clamp)
         log_ratio = raw_log_ratio.clamp(-c, c)
@@ -184,19 +217,43 @@ class ClippedPolicyLoss:
         objective = surrogate
         kl_ref = None
         if cfg.kl_coef > 0:
+            if ref_logprobs is None:
+                raise ValueError("ref_logprobs is required when LossConfig.kl_coef > 0")
             kl_ref = _kl_penalty(torch.where(valid, ref_logprobs.detach() - logprobs, 0.0), cfg.kl_estimator)
             objective = objective - cfg.kl_coef * kl_ref
-        objective = torch.where(valid, objective, 0.0)
-        if cfg.normalization == "sequence":
-            counts = valid.sum(dim=1) if tokens_per_sequence is None else tokens_per_sequence
-            tokens_per_seq = counts.clamp(min=1).to(objective.dtype)
-            total = (objective.sum(dim=1) / tokens_per_seq).sum()  # per-sequence mean, Eq. 3
-        else:
-            total = objective.sum()
-        loss = -total / self._normalizer(global_normalizer, logprobs.device).to(total.dtype)
-        metrics = self._metrics(loss, ratio, log_ratio, adv, valid, kl_ref, rollout_weights, entropy)
-        metrics["num_log_ratio_clamped"] = (valid & (raw_log_ratio.detach().abs() > c)).sum()
-        return loss, metrics
+        return TokenTerms(torch.where(valid, objective, 0.0), ratio, log_ratio, raw_log_ratio,
+                          kl_ref)
+
+    def token_loss(self, old_logprobs, advantages, valid, token_weights, ref_logprobs=None,
+                   rollout_weights=None):
+        """``token_loss(rows, logp, entropy)``: the loss of the tokens ``rows`` of flat
+        per-token tensors (``advantages`` per token; ``token_weights`` each token's share of
+        the aggregation, :func:`token_weights`), i.e. ``-Σ objective_t · weight_t`` — the
+        form ``lens_kernels.linear_logprobs_with_loss`` differentiates chunk by chunk.
+        Summed over all tokens it is this loss (up to float summation order)."""
+        def loss_of(rows, logp, entropy=None):
+            pick = (lambda t: None if t is None else t.index_select(0, rows))
+            terms = self.token_objective(logp, pick(old_logprobs), pick(advantages),
+                                         pick(valid), pick(ref_logprobs), pick(rollout_weights))
+            return -(terms.objective * pick(token_weights).to(terms.objective.dtype)).sum()
+
+        return loss_of
+
+    def token_weights(self, valid, sequence_of_token, num_sequences, global_normalizer,
+                      tokens_per_sequence=None) -> torch.Tensor:
+        """Each token's weight in the aggregation (flat ``valid``/``sequence_of_token``):
+        ``1 / (n_i N_seq)`` ("sequence": ``n_i`` its sequence's token count, or
+        ``tokens_per_sequence`` under CP) or ``1 / N_tok`` ("token"); 0 where not valid."""
+        f64 = torch.float64       # exact for any count; cast to the log-probs' dtype in use
+        n = self._normalizer(global_normalizer, valid.device).to(f64)
+        weight = torch.where(valid, 1.0 / n, torch.zeros((), dtype=f64, device=valid.device))
+        if self.cfg.normalization == "sequence":
+            seq = sequence_of_token.clamp(min=0)
+            counts = (torch.zeros(num_sequences, dtype=f64, device=valid.device)
+                      .index_add_(0, seq, valid.to(f64))
+                      if tokens_per_sequence is None else tokens_per_sequence.to(f64))
+            weight = weight / counts.clamp(min=1).index_select(0, seq)
+        return weight
 
     @torch.no_grad()
     def _metrics(self, loss, ratio, log_ratio, adv, valid, kl_ref, rollout_weights, entropy):

@@ -29,7 +29,7 @@ import torch
 
 from .plan import MicroBatch
 
-__all__ = ["needed_lengths", "PaddedMicroBatch", "PackedMicroBatch", "pad_micro_batch",
+__all__ = ["needed_lengths", "row_of_each_token", "PaddedMicroBatch", "PackedMicroBatch", "pad_micro_batch",
            "pack_micro_batch", "build_micro_batches", "scatter_rows"]
 
 
@@ -38,6 +38,12 @@ def needed_lengths(target_mask: torch.Tensor) -> list[int]:
     mask = target_mask.bool()
     positions = torch.arange(1, mask.shape[1] + 1).expand_as(mask)
     return torch.where(mask, positions, torch.zeros_like(positions)).amax(1).tolist()
+
+
+def row_of_each_token(targets: torch.Tensor) -> torch.Tensor:
+    """Flat ``[b·w]`` long for ``[b, w]`` rows: the row (0..b-1) of each token."""
+    b, width = targets.shape
+    return torch.arange(b, device=targets.device).repeat_interleave(width)
 
 
 def _moved(obj, device):
@@ -70,6 +76,9 @@ class PaddedMicroBatch:
     def position_ids(self) -> torch.Tensor:
         b, width = self.input_ids.shape
         return torch.arange(width, device=self.input_ids.device).expand(b, width)
+
+    def sequence_of_token(self) -> torch.Tensor:
+        return row_of_each_token(self.targets)
 
     def _index(self, values: torch.Tensor, width: int):
         keep = min(values.shape[1], width)
@@ -137,6 +146,10 @@ class PackedMicroBatch:
     @property
     def starts(self) -> list[int]:
         return self.cu_seqlens[:-1].tolist()[:len(self.lengths)]
+
+    def sequence_of_token(self) -> torch.Tensor:
+        """Flat ``[T]`` long: the document (0..n-1) each token belongs to, -1 on padding."""
+        return self.segment_ids
 
     def _row_index(self, device):
         """``[n, L]`` positions in T of each document's columns (L = longest document) and

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batching.layout import row_of_each_token
 from .context import gather_from_ranks, local_positions, split_for_rank
 
 
@@ -35,6 +36,10 @@ class ContextParallelMicroBatch:
 
     def unpack_into(self, out: torch.Tensor, values: torch.Tensor) -> None:
         self.whole.unpack_into(out, values)
+
+    def sequence_of_token(self) -> torch.Tensor:
+        """Flat ``[b·W/CP]`` long: the row of each of this rank's tokens."""
+        return row_of_each_token(self.targets)
 
 
 def split_padded_for_cp(mb, cp_rank: int, cp_size: int) -> ContextParallelMicroBatch:
