@@ -1,6 +1,8 @@
 """Context parallelism in the actor (model.context_parallel_size): token log-probs, entropy,
 loss, gradient norm and the weights after one optimizer step equal CP=1, at CP=2 and
-CP=2 × TP=2 (gloo, fp32); and `lens-train` under torchrun at CP=2 matches one process."""
+CP=2 × TP=2 (with and without SP), and at CP=2 with the fused LM head (model.fused_linear_logprobs:
+the per-token loss weights take each sequence's whole count from the other CP rank) (gloo, fp32);
+and `lens-train` under torchrun at CP=2 matches one process."""
 from __future__ import annotations
 
 import json
@@ -18,12 +20,13 @@ from trainer_helpers import actor_weights, init_for, tiny_config
 pytestmark = pytest.mark.slow
 
 
-def cp_worker(tmp_dir, cp, tp, devices, sp=False):
+def cp_worker(tmp_dir, cp, tp, devices, sp=False, fused=False):
     from lens_megatron.actor import LensActor
 
     cfg = tiny_config(tmp_dir, f"model.context_parallel_size={cp}",
                       f"model.tensor_model_parallel_size={tp}",
                       f"model.sequence_parallel={str(sp).lower()}", "model.arch.num_layers=4",
+                      f"model.fused_linear_logprobs={str(fused).lower()}",
                       "model.micro_batch_size=2", "rollout.prompts_per_step=3",
                       "rollout.group_size=4", "model.init_seed=3", "optim.adam_eps=1.0",
                       "optim.lr=0.1", f"model.arch.max_position_embeddings={WIDTH + 8}",
@@ -45,12 +48,13 @@ def cp_worker(tmp_dir, cp, tp, devices, sp=False):
 
 def test_context_parallel_equals_one_process(tmp_path):
     ref = run_in_processes(cp_worker, 1, (str(tmp_path / "one"), 1, 1, 1))[0]
-    for label, (cp, tp, devices, sp) in {"CP=2": (2, 1, 2, False),
-                                         "CP=2 x TP=2": (2, 2, 4, False),
-                                         "CP=2 x TP=2 SP": (2, 2, 4, True)}.items():
+    for label, (cp, tp, devices, sp, *fused) in {"CP=2": (2, 1, 2, False),
+                                                 "CP=2 x TP=2": (2, 2, 4, False),
+                                                 "CP=2 x TP=2 SP": (2, 2, 4, True),
+                                                 "CP=2 fused head": (2, 1, 2, False, True)}.items():
         got = [r for r in run_in_processes(cp_worker, devices,
                                            (str(tmp_path / label.replace(" ", "")), cp, tp,
-                                            devices, sp), timeout=600) if r is not None][0]
+                                            devices, sp, *fused), timeout=600) if r is not None][0]
         assert got["pad_multiple"] == 2 * cp * (tp if sp else 1), label
         torch.testing.assert_close(got["old"], ref["old"], rtol=1e-5, atol=1e-5, msg=label)
         torch.testing.assert_close(got["entropy"], ref["entropy"], rtol=1e-5, atol=1e-5, msg=label)

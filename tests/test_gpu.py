@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lens_kernels import linear_logprobs_and_confidence, logprobs_and_confidence
+from lens_kernels import (linear_logprobs_and_confidence, linear_logprobs_with_loss,
+                          logprobs_and_confidence)
 from lens_kernels.reference import reference_logprobs
 from seeds import random_seed
 
@@ -85,5 +86,29 @@ def test_fused_linear_on_cuda_matches_logits_path():
     (ref.token_logprobs.sum() + ref.confidence.sum() + ref.entropy.sum()).backward()
     torch.testing.assert_close(out.token_logprobs.double().cpu(), ref.token_logprobs,
                                atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(h1.grad.double().cpu(), h2.grad, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(w1.grad.double().cpu(), w2.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_fused_linear_loss_on_cuda_matches_float64():
+    """The training form (loss differentiated inside the chunks; Triton row kernels)."""
+    gen = torch.Generator().manual_seed(random_seed())
+    hidden = torch.randn(3, 29, 64, generator=gen)
+    weight = torch.randn(1000, 64, generator=gen) / 2
+    targets = torch.randint(0, 990, (3, 29), generator=gen)
+    mask = torch.rand(3, 29, generator=gen) < 0.7
+    coef = torch.randn(3 * 29, generator=gen)
+    coef_cuda = coef.cuda()
+    h1, w1 = hidden.cuda().requires_grad_(True), weight.cuda().requires_grad_(True)
+    loss, _ = linear_logprobs_with_loss(h1, w1, targets.cuda(), mask.cuda(),
+                                        lambda rows, lp, ent: (coef_cuda[rows] * lp).sum()
+                                        + ent.sum(), valid_vocab=990, return_entropy=True,
+                                        chunk_tokens=16)
+    loss.backward()
+    h2 = hidden.detach().double().requires_grad_(True)
+    w2 = weight.detach().double().requires_grad_(True)
+    ref = reference_logprobs(h2 @ w2.T, targets, mask, 1.0, 990)
+    ((ref.token_logprobs.reshape(-1) * coef.double()).sum()
+     + torch.where(mask, ref.entropy, 0.0).sum()).backward()
     torch.testing.assert_close(h1.grad.double().cpu(), h2.grad, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(w1.grad.double().cpu(), w2.grad, atol=1e-3, rtol=1e-3)
