@@ -361,6 +361,16 @@ def validate(cfg: LensTrainConfig, world_size: Optional[int] = None,
            f"data_parallel_size ({dp}) × micro_batch_size ({cfg.model.micro_batch_size}) "
            "× an integer number of micro-batches; change model.micro_batch_size, "
            "rollout.prompts_per_step or optim.updates_per_rollout")
+    pp = cfg.model.pipeline_model_parallel_size
+    if cfg.model.virtual_pipeline_model_parallel_size and not cfg.model.sequence_packing:
+        count = per_update // (dp * cfg.model.micro_batch_size)
+        _check(count % pp == 0, "model.micro_batch_size",
+               f"the interleaved (virtual-pipeline) schedule needs a multiple of "
+               f"pipeline_model_parallel_size ({pp}) micro-batches per rank; {per_update} "
+               f"sequences per update / (DP {dp} × micro_batch_size "
+               f"{cfg.model.micro_batch_size}) give {count}; lower model.micro_batch_size "
+               "or change rollout.prompts_per_step (packed sequences round the count up "
+               "themselves)")
 
 
 def _validate_trainer(t: TrainerConfig) -> None:
