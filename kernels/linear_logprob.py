@@ -25,7 +25,10 @@ Training's form, :func:`linear_logprobs_with_loss`: when the loss is a sum of pe
 chunk's logits are live, so ``d_hidden`` and ``d_W`` are made in forward with the logits
 path's three GEMMs and nothing is recomputed; backward scales them by the upstream scalar.
 Under TP each chunk's statistics are merged with one all-gather of ``[c, 4]``. CPU chunks
-are 1/8 of the avoided logits (16–256 MiB), GPU ones ~1 GiB.
+are 1/8 of the avoided logits (16–256 MiB), GPU ones ~1 GiB. The gradients are held from
+forward to backward: ``d_hidden`` and this rank's ``[V/TP, H]`` ``d_W`` in the weight's dtype
+(one per micro-batch whose backward is pending — on a pipeline's last stage, one; under the
+interleaved schedule, up to the micro-batches in flight there).
 
 Tensor parallelism (vocab-parallel LM head, ``weight`` = this rank's ``[V/TP, H]`` shard):
 ``d_hidden`` is this rank's *partial* sum over its vocab shard, ``d_weight`` its shard's
