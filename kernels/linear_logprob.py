@@ -324,31 +324,48 @@ def linear_logprobs_with_loss(
     :func:`linear_logprobs_and_confidence`. One backward per call (the stored gradients
     are scaled in place).
     """
+    call = _prepared_call(hidden, weight, targets, mask, segment_ids, num_segments, cp_group,
+                          tp_group, temperature, return_entropy, valid_vocab, vocab_start_index,
+                          backend)
+    chunk = chunk_tokens or _chunk_tokens(call.n_active, weight.shape[0], hidden.dtype,
+                                          hidden.device, LOSS_CHUNK_SHARE)
+    loss, token, entropy = LinearTokenLossFunction.apply(call.hidden, weight, call.targets,
+                                                         call.active, token_loss, call.spec,
+                                                         int(chunk))
+    return loss, package_output(token, entropy, call.active, targets.shape, return_entropy,
+                                call.sequences)
+
+
+@dataclass(frozen=True)
+class PreparedCall:
+    """One call's inputs as the autograd Functions take them: flat rows and the spec."""
+
+    hidden: torch.Tensor        # [N, H]
+    targets: torch.Tensor       # [N] int64
+    active: torch.Tensor        # [N] int8
+    n_active: int
+    spec: KernelSpec
+    sequences: object           # logprob.Sequences, for package_output
+
+
+def _prepared_call(hidden, weight, targets, mask, segment_ids, num_segments, cp_group,
+                   tp_group, temperature, return_entropy, valid_vocab, vocab_start_index,
+                   backend) -> PreparedCall:
+    """Shared by both entry points: packed/padded layout, checks, spec, flat rows."""
     hidden, targets_b, mask_b, seqs = as_batched(hidden, targets, mask, segment_ids,
                                                  num_segments, cp_group)
-    spec = _checked_spec(hidden, weight, targets_b, mask_b, tp_group, temperature,
-                         return_entropy, valid_vocab, vocab_start_index, backend)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets, active = flat_rows(targets_b, mask_b)
-    n_active = int(active.sum())
-    chunk = chunk_tokens or _chunk_tokens(n_active, weight.shape[0], hidden.dtype, hidden.device,
-                                          LOSS_CHUNK_SHARE)
-    loss, token, entropy = LinearTokenLossFunction.apply(flat_hidden, weight, flat_targets,
-                                                         active, token_loss, spec, int(chunk))
-    return loss, package_output(token, entropy, active, targets.shape, return_entropy, seqs)
-
-
-def _checked_spec(hidden, weight, targets_b, mask_b, tp_group, temperature, return_entropy,
-                  valid_vocab, vocab_start_index, backend) -> KernelSpec:
     check_inputs(hidden.shape, hidden.dtype, targets_b, mask_b, temperature)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V_local, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight ({weight.dtype}) and hidden ({hidden.dtype}) must share a dtype")
-    return build_spec(tp_group, weight.shape[0], hidden.device, temperature=temperature,
+    spec = build_spec(tp_group, weight.shape[0], hidden.device, temperature=temperature,
                       return_entropy=return_entropy, valid_vocab=valid_vocab,
                       vocab_start_index=vocab_start_index, backend=backend,
                       inplace_backward=False)   # unused: the chunks are always our own
+    flat_targets, active = flat_rows(targets_b, mask_b)
+    return PreparedCall(hidden.reshape(-1, hidden.shape[-1]), flat_targets, active,
+                        int(active.sum()), spec, seqs)
 
 
 def linear_logprobs_and_confidence(
@@ -380,17 +397,16 @@ def linear_logprobs_and_confidence(
     (0: least memory, one extra GEMM; the bytes kept are that share of ``rows · V_local ·
     itemsize``).
     """
-    hidden, targets_b, mask_b, seqs = as_batched(hidden, targets, mask, segment_ids,
-                                                 num_segments, cp_group)
     if not 0.0 <= keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must lie in [0, 1], got {keep_fraction}")
-    spec = _checked_spec(hidden, weight, targets_b, mask_b, tp_group, temperature,
-                         return_entropy, valid_vocab, vocab_start_index, backend)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_targets, active = flat_rows(targets_b, mask_b)
-    n_active = int(active.sum())
-    chunk = chunk_tokens or _chunk_tokens(n_active, weight.shape[0], hidden.dtype, hidden.device)
-    keep = int(keep_fraction * n_active * weight.shape[0] * hidden.dtype.itemsize)
-    token, entropy = LinearTokenLogprobFunction.apply(flat_hidden, weight, flat_targets, active,
-                                                      spec, LinearPlan(int(chunk), keep))
-    return package_output(token, entropy, active, targets.shape, return_entropy, seqs)
+    call = _prepared_call(hidden, weight, targets, mask, segment_ids, num_segments, cp_group,
+                          tp_group, temperature, return_entropy, valid_vocab, vocab_start_index,
+                          backend)
+    chunk = chunk_tokens or _chunk_tokens(call.n_active, weight.shape[0], hidden.dtype,
+                                          hidden.device)
+    keep = int(keep_fraction * call.n_active * weight.shape[0] * hidden.dtype.itemsize)
+    token, entropy = LinearTokenLogprobFunction.apply(call.hidden, weight, call.targets,
+                                                      call.active, call.spec,
+                                                      LinearPlan(int(chunk), keep))
+    return package_output(token, entropy, call.active, targets.shape, return_entropy,
+                          call.sequences)

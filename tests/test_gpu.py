@@ -70,12 +70,18 @@ def test_triton_on_cuda_matches_float64_reference(dtype, grad_atol, entropy, inp
     torch.testing.assert_close(grad, ref_in.grad, atol=grad_atol * scale, rtol=0)
 
 
-def test_fused_linear_on_cuda_matches_logits_path():
-    gen = torch.Generator().manual_seed(random_seed())
+def _linear_inputs(gen):
+    """Hidden [3, 29, 64], LM head [1000, 64] (990 valid columns), targets, ragged mask."""
     hidden = torch.randn(3, 29, 64, generator=gen)
     weight = torch.randn(1000, 64, generator=gen) / 2
     targets = torch.randint(0, 990, (3, 29), generator=gen)
     mask = torch.rand(3, 29, generator=gen) < 0.7
+    return hidden, weight, targets, mask
+
+
+def test_fused_linear_on_cuda_matches_logits_path():
+    gen = torch.Generator().manual_seed(random_seed())
+    hidden, weight, targets, mask = _linear_inputs(gen)
     h1, w1 = hidden.cuda().requires_grad_(True), weight.cuda().requires_grad_(True)
     out = linear_logprobs_and_confidence(h1, w1, targets.cuda(), mask.cuda(), valid_vocab=990,
                                          return_entropy=True)
@@ -93,10 +99,7 @@ def test_fused_linear_on_cuda_matches_logits_path():
 def test_fused_linear_loss_on_cuda_matches_float64():
     """The training form (loss differentiated inside the chunks; Triton row kernels)."""
     gen = torch.Generator().manual_seed(random_seed())
-    hidden = torch.randn(3, 29, 64, generator=gen)
-    weight = torch.randn(1000, 64, generator=gen) / 2
-    targets = torch.randint(0, 990, (3, 29), generator=gen)
-    mask = torch.rand(3, 29, generator=gen) < 0.7
+    hidden, weight, targets, mask = _linear_inputs(gen)
     coef = torch.randn(3 * 29, generator=gen)
     coef_cuda = coef.cuda()
     h1, w1 = hidden.cuda().requires_grad_(True), weight.cuda().requires_grad_(True)

@@ -178,8 +178,6 @@ class ClippedPolicyLoss:
         """
         cfg = self.cfg
         self._check(logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_weights, entropy)
-        if cfg.kl_coef > 0 and ref_logprobs is None:
-            raise ValueError("ref_logprobs is required when LossConfig.kl_coef > 0")
         valid = mask.bool()
         adv = advantages.detach().to(logprobs.dtype).unsqueeze(1).expand_as(logprobs)
         terms = self.token_objective(logprobs, old_logprobs, adv, valid, ref_logprobs,
@@ -199,7 +197,7 @@ class ClippedPolicyLoss:
         return loss, metrics
 
     def token_objective(self, logprobs, old_logprobs, advantages, valid, ref_logprobs=None,
-                        rollout_weights=None) -> "TokenTerms":
+                        rollout_weights=None) -> TokenTerms:
         """Per-token ``objective_t`` (0 where not ``valid``) and its parts, elementwise on
         tensors of any one shape (``advantages`` already broadcast to the tokens)."""
         cfg = self.cfg
